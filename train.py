@@ -6,26 +6,22 @@
 One plain loop. This file owns argparse, seeding, the process group (from the torchrun environment),
 data loaders, the LR schedule, mixed precision, logging, periodic evaluation and checkpoints. A method
 file (uda/<method>.py) owns its extra modules, optimizers, losses and the order of backward/step inside
-one iteration (`train_step`). Flags are parsed in two stages: --method first, then the common flags
-together with the chosen method's own.
+one iteration (`train_step`); the contract between the two is written once, in uda/source_only.py.
+
+Flags are parsed in two stages: --method first, then the common flags together with the chosen
+method's own. The method's RECIPE (its paper's values of common flags: LR, schedule, batch, crop, ...)
+becomes the parser's defaults in one place (`build_parser`), so `--method X --help` shows them, a flag
+given on the command line wins, and every run prints the effective recipe and what was overridden.
 """
 import argparse
 import json
 import os
 import sys
 import time
-from types import SimpleNamespace
-
 import torch
 
-import evaluate
-from uda import common, datasets, models, samplers, source_only
-from uda import cdga
-from uda import fada, selftrain
-from uda import sdca
-from uda import plca
-from uda import daformer
-from uda import dida
+from uda import cdga, common, daformer, datasets, dida, evaluation, fada, models, plca, samplers, sdca, selftrain, \
+    source_only, toy
 from uda.common import UserError
 
 # The methods, by name: plain imports, no registry.
@@ -69,6 +65,11 @@ def add_common_arguments(p):
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay")
     p.add_argument("--poly-power", type=float, default=0.9, help="power of the poly LR decay")
     p.add_argument("--warmup-iters", type=int, default=0, help="linear LR warmup length (DAFormer: 1500)")
+    p.add_argument("--lovasz-weight", type=float, default=0.0,
+                   help="weight of the Lovasz-softmax term added to the source CE (0 = CE only)")
+    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=False,
+                   help="align_corners of the bilinear logit upsampling in losses, pseudo-labels and evaluation "
+                        "(the method's official code decides; saved in the checkpoint, used by evaluate.py)")
     p.add_argument("--amp", choices=list(common.AMP_DTYPES), default="off",
                    help="autocast dtype: off (fp32), bf16, or fp16 (with a GradScaler)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
@@ -101,27 +102,80 @@ def add_common_arguments(p):
                    help="RCS: re-crop until the crop holds more than ratio x min-pixels of c (DAFormer 0.5)")
     p.add_argument("--stats-cache", default=None, metavar="FILE",
                    help="per-image class statistics for the samplers (default: OUT/../class_stats_<source>_<key>.json)")
+    p.add_argument("--source-list", default=None, metavar="FILE",
+                   help="train on the listed source items only (one relative path per line, as data_lists/)")
+    p.add_argument("--target-list", default=None, metavar="FILE",
+                   help="train on the listed target items only (one relative path per line, as data_lists/)")
     p.add_argument("--pseudo-dir", default=None, metavar="DIR",
                    help="train on pseudo-labels: DIR/<item>.png replace the source train labels (evaluate.py --save-pseudo)")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's (effective) default after its help."""
+
+
+# Recipe values that describe the papers' real datasets: the built-in toy has its own sizes and
+# network, so for a toy source these apply only when given on the command line.
+REAL_DATA_KEYS = ("backbone", "crop", "source_size", "target_size", "random_scale")
+_UNSET = object()
+
+
+def build_parser(method):
+    """The full parser of a run with --method `method`: common flags, the method's flags, its RECIPE."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_common_arguments(p)
+    module = METHODS[method]
+    module.add_arguments(p)
+    unknown = set(module.RECIPE) - set(vars(p.parse_args(["--out", "-"])))
+    assert not unknown, f"uda/{method}.py RECIPE names no flag: {sorted(unknown)}"
+    p.set_defaults(**module.RECIPE)  # the one place a method's recipe enters the run
+    return p
+
+
 def parse_args(argv=None):
-    """Two stages: --method decides which method flags exist, then everything is parsed together."""
+    """Two stages: --method decides which method flags exist, then everything is parsed together.
+
+    Returns the args with two extra attributes: `recipe` (the method's RECIPE as it applies to this
+    run) and `overridden` (the names of recipe flags given on the command line).
+    """
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--method", default="source_only")
     known, _ = first.parse_known_args(argv)
     if known.method not in METHODS:
         raise UserError(f"--method {known.method!r}: unknown (expected one of {', '.join(METHODS)})")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(p)
-    METHODS[known.method].add_arguments(p)
-    args = p.parse_args(argv)
+    args = build_parser(known.method).parse_args(argv)
+    explicit = explicit_flags(known.method, argv)
+    recipe = dict(METHODS[known.method].RECIPE)
+    if args.source in toy.DOMAINS:
+        for key in REAL_DATA_KEYS:
+            if key in recipe and key not in explicit:
+                setattr(args, key, None)
+                recipe.pop(key)
+    args.recipe = recipe
+    args.overridden = sorted(k for k in recipe if k in explicit)
     args.target = args.target or datasets.default_target(args.source)
-    args.backbone = args.backbone or ("tiny" if args.source.startswith("toy") else "deeplabv2-r101")
+    args.backbone = args.backbone or ("tiny" if args.source in toy.DOMAINS else "deeplabv2-r101")
     args.stop_iter = args.stop_iter or args.iters
     if args.stop_iter > args.iters:
         raise UserError(f"--stop-iter {args.stop_iter}: must not exceed --iters {args.iters}")
     return args
+
+
+def explicit_flags(method, argv):
+    """Names of the flags given on the command line: parse again with every default set to a marker."""
+    p = build_parser(method)
+    p.set_defaults(**{name: _UNSET for name in vars(p.parse_args(["--out", "-"]))})
+    return {name for name, value in vars(p.parse_args(argv)).items() if value is not _UNSET}
+
+
+def describe_recipe(args):
+    """One line: the method's recipe as this run uses it, and what the command line changed."""
+    values = ", ".join(f"{k} {getattr(args, k)}" for k in args.recipe) or "the common defaults"
+    line = f"recipe of {args.method}: {values}"
+    if args.overridden:
+        line += "; overridden on the command line: " + ", ".join(
+            f"{k} {getattr(args, k)} (recipe {args.recipe[k]})" for k in args.overridden)
+    return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,9 +333,10 @@ def check_finite(losses, iteration, out):
 
 
 def run_evaluation(model, val, space, env, args, iteration, log):
-    confusion = evaluate.evaluate(model, val, space, env.device, env.autocast,
-                                  input_size=datasets.default_eval_size(args.target))
-    scores, _ = evaluate.summarize(confusion, space)
+    confusion = evaluation.evaluate(model, val, space, env.device, env.autocast,
+                                    input_size=datasets.default_eval_size(args.target),
+                                    align_corners=args.align_corners)
+    scores, _ = evaluation.summarize(confusion, space)
     if common.is_main_process():
         print(f"eval iter {iteration}: " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
     log.write({"iter": iteration, **{f"eval/{k}": v for k, v in scores.items()}})
@@ -302,8 +357,7 @@ def main(argv=None):
 
     space = datasets.label_space(args.source, args)
     model = build_model(args, space, device)
-    env = SimpleNamespace(device=device, autocast=lambda: common.autocast(device, args.amp),
-                          scaler=common.make_scaler(device, args.amp), space=space, args=args)
+    env = common.make_env(device, args.amp, space)
     method = METHODS[args.method].Method(model, args, env)
     streams, val = build_data(args, space, start_iter)
     if ckpt:
@@ -314,6 +368,7 @@ def main(argv=None):
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_iter=start_iter if ckpt else None)
     last_path = os.path.join(args.out, "last.pt")
     if common.is_main_process():
+        print(describe_recipe(args), flush=True)
         print(f"{args.method}: {args.source} -> {args.target}, {args.backbone}, iterations {start_iter}.."
               f"{args.stop_iter} of a {args.iters}-iteration schedule, {common.world_size()} process(es) on "
               f"{device}, amp {args.amp}", flush=True)
@@ -342,8 +397,7 @@ def main(argv=None):
             tic, tic_iter = time.time(), done
         if (args.eval_every and done % args.eval_every == 0) or done == args.stop_iter:
             sync_buffers(model)
-            run_evaluation(method.eval_model() if hasattr(method, "eval_model") else model, val, space, env,
-                           args, done, log)
+            run_evaluation(model, val, space, env, args, done, log)
             if common.is_main_process():
                 save_checkpoint(last_path, model, method, env.scaler, done, args)
             tic, tic_iter = time.time(), done  # evaluation time is not training speed

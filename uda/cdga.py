@@ -201,6 +201,9 @@ def groupwise_adversarial_loss(d_logits, assign, weights, domain_label):
 # --------------------------------------------------------------------------------------------------
 # Modules: the grouping network and the group-wise discriminator
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class GroupingNet(nn.Module):
     """Cnet: 3x3 conv in -> hidden, ReLU, 1x1 conv hidden -> K. Returns group logits (B, K, h, w)."""
 

@@ -9,6 +9,7 @@ import os
 import random
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,12 +26,23 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run `main()`; turn a UserError into a one-line message on stderr and exit code 2."""
+    """Run `main()`; turn a UserError into a one-line message on stderr and exit code 2.
+
+    A UserError raised inside a DataLoader worker reaches us re-raised with the worker's traceback in
+    its message ("Caught UserError in DataLoader worker process 0. Original Traceback ..."); its last
+    line is ours, so that line is what the user sees.
+    """
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(err):
+    """The user-facing line of a UserError, also when a DataLoader worker wrapped it in a traceback."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    return lines[-1].split("UserError: ", 1)[-1]
 
 
 def parse_size(text, flag):
@@ -143,6 +155,71 @@ def cleanup_distributed():
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# What the loop hands a method besides the model and the flags
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Env:
+    """The run's device, precision and label space; built by `make_env` for train.py, tools and tests.
+
+    A method reads everything else from `args` (never assigning to it) and owns its own random
+    generator (`method_generator`), so nothing here changes during a run.
+    """
+    device: torch.device
+    amp: str                       # off | bf16 | fp16 (AMP_DTYPES)
+    space: object                  # datasets.LabelSpace: num_classes, names, eval_sets
+    scaler: torch.amp.GradScaler   # one for all optimizers; scales only under fp16
+
+    def autocast(self):
+        """The autocast context every forward runs under (a no-op with amp 'off')."""
+        return autocast(self.device, self.amp)
+
+
+def make_env(device, amp, space):
+    """The one way to build an Env (train.py, uda/bench, tests)."""
+    device = torch.device(device)
+    if amp not in AMP_DTYPES:
+        raise UserError(f"--amp {amp!r}: expected one of {', '.join(AMP_DTYPES)}")
+    return Env(device=device, amp=amp, space=space, scaler=make_scaler(device, amp))
+
+
+def method_generator(seed, stream):
+    """A CPU torch.Generator for a method's random draws (augmentation, mixing masks), distinct per rank
+    and per stream number. The method saves its state in its checkpoint, so resume is exact, and no
+    draw touches the global RNG, so evaluation or logging can never shift a method's randomness."""
+    return torch.Generator().manual_seed((seed * 1000003 + stream) * 1009 + rank())
+
+
+# --------------------------------------------------------------------------------------------------
+# Resampling helpers used by every method
+# --------------------------------------------------------------------------------------------------
+def upsample(x, size, align_corners):
+    """Bilinear resize of (B, C, h, w) logits or probabilities to size = (H, W).
+
+    align_corners is a recipe value (--align-corners): FADA's and SDCA's official code uses True,
+    DAFormer's (mmseg) False; it is saved in the checkpoint and used again by evaluate.py.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def downsample_labels(labels, size):
+    """Nearest-neighbour resize of (B, H, W) int64 labels to size = (h, w) (F.interpolate 'nearest',
+    as the official codes do); 255 stays 255."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    small = torch.nn.functional.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")
+    return small[:, 0].long()  # (B, h, w)
+
+
+def shard(dataset, limit=None):
+    """This rank's share of the first `limit` items (all by default): every world_size-th index, no
+    padding or repeats, so sums over ranks count every item once (evaluation, pseudo-labels)."""
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    return torch.utils.data.Subset(dataset, list(range(rank(), total, world_size())))
 
 
 # --------------------------------------------------------------------------------------------------

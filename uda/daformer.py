@@ -335,6 +335,9 @@ def adamw(param_groups, lr, weight_decay):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class DAFormer:
     """DACS self-training with DAFormer's EMA teacher, thing-class feature distance and recipe.
 

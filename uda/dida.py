@@ -192,6 +192,9 @@ def class_sums(features, labels, num_classes):
 # --------------------------------------------------------------------------------------------------
 # The labelled instance bank
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class InstanceBank(nn.Module):
     """K feature entries with fixed class labels l_k = k mod C; buffers, so checkpoints hold them."""
 

@@ -118,6 +118,9 @@ def segmentation_loss(logits, labels, temperature):
 # --------------------------------------------------------------------------------------------------
 # The discriminator
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class PixelDiscriminator(nn.Module):
     """Fully convolutional, no downsampling: 3x3 conv D -> width, LeakyReLU, 3x3 -> width/2, LeakyReLU,
     then two 3x3 heads width/2 -> K ("source, class k" and "target, class k"), concatenated to 2K.

@@ -282,6 +282,9 @@ def aggregate_predict(model, images, autocast=nullcontext, alpha=TTA_ALPHA, chun
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class PLCA:
     """Source supervision + feature- and classifier-level cycle association + LSR, one SGD optimizer."""
 

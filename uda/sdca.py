@@ -121,6 +121,9 @@ def confident_pseudo_labels(logits, delta):
 # --------------------------------------------------------------------------------------------------
 # Class statistics: exact pooled mean / diagonal variance, buffers, all-reduced under DDP
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class ClassStatistics(nn.Module):
     """Per-class mean (K, D), biased diagonal variance (K, D) in fp32 and pixel count (K,) in fp64.
 

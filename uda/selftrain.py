@@ -171,6 +171,9 @@ def cross_entropy(logits, labels):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class SelfTrain:
     """CE on pseudo-labelled target images with the distillation augmentations. One SGD optimizer."""
 

@@ -5,35 +5,59 @@ Supervised on labelled source images only (the target is not read):
     L = CE(up(z_s), y_s) + lambda_lovasz * Lovasz-softmax(softmax(up(z_s)), y_s)
 
 z_s: logits of the source batch at the model's output stride; up(.): bilinear upsampling to the label
-size (align_corners=False); y_s: labels, 255 ignored in both terms. lambda_lovasz = 0 is the FADA
-warm-up (CE only); SDCA's source-only stage uses 0.75 (`--lovasz-weight 0.75`).
+size (`--align-corners`: True for the FADA and SDCA warm-ups, as their train_src.py; default False, as
+mmseg); y_s: labels, 255 ignored in both terms. lambda_lovasz = 0 is the FADA warm-up (CE only); SDCA's
+source-only stage uses 0.75 (`--lovasz-weight 0.75`).
 
 Lovasz-softmax: Berman, Rannen Triki, Blaschko, "The Lovasz-Softmax loss: A tractable surrogate for the
 optimization of the intersection-over-union measure in neural networks", CVPR 2018, arXiv 1705.08790;
 the variant used by SDCA and PLCA: classes='present' (only classes in the labels), per_image=False (one
 loss over all pixels of the batch).
 
-This file is the template the method files follow: docstring, pure loss functions, the method class
-(parameter groups, optimizers, state, one `train_step`), and `add_arguments` for its flags.
+The contract between train.py and a method file (every uda/<method>.py follows it; this file is the
+template, in the order every method file uses: docstring, imports, pure loss functions, small modules,
+RECIPE, the method class, `add_arguments`, `Method = ...`):
 
-Deviations: none (the recipe is the standard supervised step).
+- `RECIPE = {flag_dest: value}`: the paper's values of COMMON flags (lr, head_lr_mult, momentum,
+  weight_decay, poly_power, warmup_iters, iters, stop_iter, batch_size, bn, crop, source_size,
+  target_size, random_scale, cat_max_ratio, source_sampler, synthia_classes, lovasz_weight,
+  align_corners, backbone, ...). train.py applies it as the parser's defaults in one place
+  (`train.build_parser`), so `python train.py --method X --help` shows the effective defaults, an explicit
+  flag wins, and each run prints the recipe and what the command line overrode. Size and backbone
+  entries describe real data: for the built-in toy they apply only when given explicitly.
+- `add_arguments(parser)`: the method's own flags, each named `--<method>-...` (DIDA also reads the
+  `--daformer-...` flags of its base), defaults = the official code's. It adds flags and nothing else.
+- `Method(model, args, env)`: `model` is built and on its device; `args` the parsed flags, read-only
+  (a method never assigns to it); `env` a `common.Env` from `common.make_env(device, amp, space)`:
+  `env.device`, `env.autocast()` (the context every forward runs under), `env.scaler` (one GradScaler
+  for all optimizers), `env.space` (the label space). A method that draws random numbers owns a
+  `common.method_generator(args.seed, stream)` and saves its state, so resume is exact.
+- `Method.needs_target`: False when the target loader is not needed (train.py then builds none).
+- `method.optimizers`: a list; train.py sets every group's LR from the poly schedule each iteration.
+- `method.train_step(source, target, it) -> {name: 0-d tensor}`: one whole iteration (forwards,
+  backwards, `common.optimizer_step` of each optimizer, which averages gradients across ranks). source
+  and target are batches on env.device ('image' (B, 3, H, W) in [0, 1], 'label' (B, H, W) with 255 =
+  ignore; target without labels); `it` is 0-based. The returned values are what gets logged (averaged
+  over ranks by train.py); train.py calls `env.scaler.update()` once afterwards.
+- `method.state_dict()` / `load_state_dict(state)`: everything besides the model that resume needs
+  (optimizers, discriminators, teachers, banks, statistics, generator states).
+- Evaluation uses `model` (train.py and evaluate.py); a method never evaluates.
+
+Recipe: the common defaults (DeepLab-v2: SGD 2.5e-4, head x10, momentum 0.9, wd 5e-4, poly 0.9); the
+README's warm-up commands give each paper's stage-1 values (FADA: --lr 5e-4, 31,250 / 20,000 iterations).
+
+Deviations: none (the standard supervised step). The default --align-corners is False; the FADA and
+SDCA warm-up commands in the README pass --align-corners, as their official train_src.py.
 """
 import torch
 import torch.nn.functional as F
 
-from uda.common import IGNORE_INDEX, optimizer_step, sgd
+from uda.common import IGNORE_INDEX, optimizer_step, sgd, upsample
 
 
 # --------------------------------------------------------------------------------------------------
 # Losses: pure functions of tensors
 # --------------------------------------------------------------------------------------------------
-def upsample_to(logits, size):
-    """Bilinear upsampling (align_corners=False) of (B, C, h, w) logits to size = (H, W)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
 def cross_entropy(logits, labels):
     """Mean CE over non-ignored pixels, computed in fp32 even under autocast.
 
@@ -81,9 +105,9 @@ def lovasz_grad(fg_sorted):
     return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)
 
 
-def supervised_loss(logits, labels, lovasz_weight):
+def supervised_loss(logits, labels, lovasz_weight, align_corners=False):
     """(CE, Lovasz) of stride-s logits against full-resolution labels; Lovasz is 0 when its weight is 0."""
-    logits = upsample_to(logits, labels.shape[-2:])
+    logits = upsample(logits, labels.shape[-2:], align_corners)
     ce = cross_entropy(logits, labels)
     if lovasz_weight == 0:
         return ce, ce.new_zeros(())
@@ -93,6 +117,9 @@ def supervised_loss(logits, labels, lovasz_weight):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
+RECIPE = {}
+
+
 class SourceOnly:
     """Supervised training on the source. One SGD optimizer, head LR x --head-lr-mult."""
 
@@ -100,7 +127,7 @@ class SourceOnly:
 
     def __init__(self, model, args, env):
         self.model, self.env = model, env
-        self.lovasz_weight = args.lovasz_weight
+        self.lovasz_weight, self.align_corners = args.lovasz_weight, args.align_corners
         self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
         self.optimizers = [self.optimizer]  # train.py sets their LR from the schedule
 
@@ -109,11 +136,14 @@ class SourceOnly:
         self.optimizer.zero_grad(set_to_none=True)
         with self.env.autocast():
             _, logits = self.model(source["image"])
-        ce, lovasz = supervised_loss(logits, source["label"], self.lovasz_weight)
+        ce, lovasz = supervised_loss(logits, source["label"], self.lovasz_weight, self.align_corners)
         loss = ce + self.lovasz_weight * lovasz
         self.env.scaler.scale(loss).backward()
         optimizer_step(self.optimizer, self.env.scaler)
-        return {"ce": ce.detach(), "lovasz": lovasz.detach()}
+        logged = {"ce": ce.detach()}
+        if self.lovasz_weight:
+            logged["lovasz"] = lovasz.detach()
+        return logged
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}
@@ -123,10 +153,7 @@ class SourceOnly:
 
 
 def add_arguments(parser):
-    group = parser.add_argument_group("source_only")
-    group.add_argument("--lovasz-weight", type=float, default=0.0,
-                       help="weight of the Lovasz-softmax term added to CE (0 = CE only, the FADA warm-up; "
-                            "SDCA's source-only stage uses 0.75)")
+    """Source-only has no flags of its own: --lovasz-weight and --align-corners are common flags."""
 
 
 Method = SourceOnly
