@@ -1,4 +1,4 @@
-"""The toy benchmark harness (uda/benchmark.py): a tiny-budget end-to-end run, the pipeline it builds,
+"""The toy benchmark harness (uda/bench/toy.py): a tiny-budget end-to-end run, the pipeline it builds,
 and the summary maths against hand-computed numbers."""
 import json
 import math
@@ -9,12 +9,13 @@ from types import SimpleNamespace
 
 from conftest import REPO
 
-from uda import benchmark
+from uda import fada, plca
+from uda.bench import toy
 
 
 def run_benchmark(*args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "uda.benchmark", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "uda.bench.toy", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -52,11 +53,11 @@ def test_tiny_run_writes_results_json_and_table(tmp_path):
 
 
 def test_pipeline_commands():
-    args = benchmark.parse_args(["--out", "/tmp/unused", "--methods", "fada,sdca,daformer", "--seeds", "2",
+    args = toy.parse_args(["--out", "/tmp/unused", "--methods", "fada,sdca,daformer", "--seeds", "2",
                                  "--iters", "100", "--warmup-iters", "200"])
     assert args.rows == ["source_only", "oracle", "fada", "sdca", "daformer", "fada+selftrain"]
-    assert "plca, no test-time aggregation" in benchmark.parse_args(["--out", "/x", "--methods", "plca"]).rows
-    tasks = {t.key: t for t in benchmark.build_tasks(args, args.methods)}
+    assert "plca, no test-time aggregation" in toy.parse_args(["--out", "/x", "--methods", "plca"]).rows
+    tasks = {t.key: t for t in toy.build_tasks(args, args.methods)}
     assert set(tasks) == {f"s{s}/{n}" for s in (0, 1) for n in ["warmup", *args.rows]}
     assert tasks["s0/fada"].evals == [("fada", "eval.json")]
     for seed in (0, 1):
@@ -78,6 +79,24 @@ def test_pipeline_commands():
         assert selftrain.deps == [f"s{seed}/fada"] and "--save-pseudo" in selftrain.commands[0]
         daformer = tasks[f"s{seed}/daformer"].commands[0]  # AdamW recipe kept, warm-up scaled to the budget
         assert "--lr" not in daformer and daformer[daformer.index("--warmup-iters") + 1] == str(round(100 * 1500 / 40000))
+        selftrain_cmd = selftrain.commands[selftrain.train_index]
+        assert selftrain_cmd[selftrain_cmd.index("--selftrain-crop") + 1] == "128x64"
+    for task in tasks.values():  # every training stops where its schedule ends, whatever a RECIPE says
+        for cmd in task.commands:
+            if cmd[1].endswith("train.py"):
+                assert cmd[cmd.index("--stop-iter") + 1] == cmd[cmd.index("--iters") + 1]
+
+
+def test_recipe_values_new_to_the_toy_are_pinned(monkeypatch):
+    """A RECIPE's sampler, momentum ... fall back to train.py's defaults on the toy; align_corners,
+    lovasz_weight and what a method set before RECIPEs existed (PLCA: head x1) stay; BN is train.py's."""
+    monkeypatch.setattr(fada, "RECIPE", {"lr": 2.5e-4, "source_sampler": "class-balanced", "bn": "frozen",
+                                         "momentum": 0.5, "align_corners": True, "stop_iter": 40000})
+    monkeypatch.setattr(plca, "RECIPE", {"head_lr_mult": 1.0, "bn": "train", "lovasz_weight": 1.5,
+                                         "source_sampler": "class-balanced"})
+    args = toy.parse_args(["--out", "/x", "--methods", "fada,plca", "--lr", "0.02"])
+    assert toy.toy_flags("fada", args) == ["--lr", "0.02", "--source-sampler", "uniform", "--momentum", "0.9"]
+    assert toy.toy_flags("plca", args) == ["--lr", "0.02", "--source-sampler", "uniform"]
 
 
 def record(row, miou, sec=0.1, mem=400.0):
@@ -91,28 +110,28 @@ def test_summary_maths():
     tasks = []
     for name, runs in values.items():
         for seed, (miou, sec) in enumerate(runs):
-            task = benchmark.Task(f"s{seed}/{name}", "/nonexistent", [], 0, row=name, seed=seed)
+            task = toy.Task(f"s{seed}/{name}", "/nonexistent", [], 0, row=name, seed=seed)
             task.result = record(name, miou, sec, 500.0 if name == "m" else 400.0)
             tasks.append(task)
-    methods = benchmark.summarize(tasks, rows)
+    methods = toy.summarize(tasks, rows)
     m = methods["m"]
     assert m["miou_mean"] == 23.0 and math.isclose(m["miou_std"], math.sqrt(8.0))
     assert m["gain"] == 2.0 and math.isclose(m["gap_closed"], 2.0 / 20.0)
     assert m["seeds_above_source_only"] == 1  # 25 > 20, 21 < 22
     assert math.isclose(m["sec_per_iter_ratio"], 4.0) and math.isclose(m["peak_mem_ratio"], 1.25)
     assert methods["oracle"]["gap_closed"] == 1.0
-    table = benchmark.markdown_table(methods)
+    table = toy.markdown_table(methods)
     assert "| m | 23.00 ± 2.83 | 25.0, 21.0 | +2.00 | 1/2 | 10% | 0.4000 | 4.00 | 500 | 1.25 |" in table
 
 
 def test_failed_run_is_reported_not_hidden():
-    tasks = [benchmark.Task("s0/source_only", "/x", [], 0, row="source_only", seed=0),
-             benchmark.Task("s0/m", "/x", [], 0, row="m", seed=0)]
+    tasks = [toy.Task("s0/source_only", "/x", [], 0, row="source_only", seed=0),
+             toy.Task("s0/m", "/x", [], 0, row="m", seed=0)]
     tasks[0].result = record("source_only", 20.0)
     tasks[1].result = {"error": "exit 1 of command 1; see /x/train.log", "wall_s": 1.0}
-    methods = benchmark.summarize(tasks, ["source_only", "m"])
+    methods = toy.summarize(tasks, ["source_only", "m"])
     assert methods["m"]["miou"] == [] and methods["m"]["errors"]
-    assert "| m | failed: exit 1" in benchmark.markdown_table(methods)
+    assert "| m | failed: exit 1" in toy.markdown_table(methods)
 
 
 def test_unknown_method_is_a_one_line_error(tmp_path):

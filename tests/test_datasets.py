@@ -157,8 +157,13 @@ def test_synthia_tables_and_spaces():
         assert (index16 in datasets.SYNTHIA_16.eval_sets["mIoU13"]) == in13
         assert (trainid in datasets.SYNTHIA_19.eval_sets["mIoU13"]) == in13
     used = {raw for _, raw, _, _, _ in SYNTHIA_TABLE}
-    for raw in [0, 13, 14, 16, 18, 20, 22, 300, 65535]:  # void, parking, road-work, unused, lanemarking
+    for raw in [0, 13, 14, 22, 23, 300, 65535]:  # void, parking, road-work, lanemarking, beyond the table
         assert raw not in used and lut16[raw] == 255 and lut19[raw] == 255
+    # terrain, truck, train (DAFormer's tools/convert_datasets/synthia.py): trainIds 9, 14, 16 in the
+    # 19-class space; not among the 16 classes, so ignored there
+    for raw, trainid in [(16, 9), (18, 14), (20, 16)]:
+        assert raw not in used and lut19[raw] == trainid and lut16[raw] == 255
+        assert trainid not in datasets.SYNTHIA_19.eval_sets["mIoU16"]  # trained, not reported
     assert datasets.SYNTHIA_16.eval_sets["mIoU13"] == [0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     assert datasets.SYNTHIA_19.eval_sets["mIoU13"] == [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
     assert datasets.SYNTHIA_19.eval_sets["mIoU16"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
@@ -272,6 +277,9 @@ def test_synthia_reader(tmp_path, lists_dir, classes):
     expected = np.full(raw.shape, 255)
     for _, synthia_id, index16, trainid, _ in SYNTHIA_TABLE:
         expected[raw == synthia_id] = index16 if classes == 16 else trainid
+    if classes == 19:  # terrain, truck, train: only the 19-class space has them
+        for synthia_id, trainid in [(16, 9), (18, 14), (20, 16)]:
+            expected[raw == synthia_id] = trainid
     for i in range(len(ds)):  # one file per filter type
         assert np.array_equal(ds[i]["label"].numpy(), expected)
 
@@ -504,12 +512,15 @@ def test_lists_command(tmp_path, lists_dir):
     out = tmp_path / "val.txt"
     datasets.main(["lists", "cityscapes", str(tmp_path / "cityscapes"), "--split", "val", "--out", str(out)])
     assert out.read_text() == "frankfurt/frankfurt_000000_000019_leftImg8bit.png\n"
-    datasets.main(["lists", "gta5", "--out", str(out)])
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):  # a user's file is never replaced
+        datasets.main(["lists", "gta5", "--out", str(out)])
+    assert out.read_text() == "frankfurt/frankfurt_000000_000019_leftImg8bit.png\n"
+    datasets.main(["lists", "gta5", "--out", str(out), "--overwrite"])
     names = out.read_text().splitlines()
     assert len(names) == 24966 and names[0] == "00001.png" and names[-1] == "24966.png"
     repo = os.path.join(REPO, "data_lists")
     assert open(os.path.join(repo, "gta5", "train.txt")).read() == out.read_text()
-    datasets.main(["lists", "synthia", "--out", str(out)])
+    datasets.main(["lists", "synthia", "--out", str(out), "--overwrite"])
     assert open(os.path.join(repo, "synthia", "train.txt")).read() == out.read_text()
 
 

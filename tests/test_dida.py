@@ -1,15 +1,14 @@
 """DIDA: bank statistics, both instance-loss modes against per-pixel loops, the stride-4 similarity,
-cross-level interaction, smoke runs, resume, and fp32 similarities under autocast."""
+cross-level interaction, the method's own random generator, a smoke run with exact resume independent of
+--eval-every, and fp32 similarities under autocast."""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TOY_FAST, run_script
-from test_daformer import make_method, shared_toy_stats, toy_batch
-from uda import common
-from uda.daformer import upsample_to
+from test_daformer import assert_never_writes_args, assert_same_training_state, make_method, shared_toy_stats, toy_batch
+from uda import common, daformer, dida
 from uda.dida import (InstanceBank, bank_similarity, class_sums, gather_probs, released_instance_loss,
                       simmatch_instance_loss, upsample_adjoint)
 
@@ -30,32 +29,35 @@ def random_labels(shape, num_classes, seed):
 def test_stride4_similarity_equals_full_resolution_similarity():
     torch.manual_seed(0)
     features, bank = torch.rand(2, 8, 4, 6), torch.rand(5, 8)
-    full = torch.einsum("bdhw,kd->bhwk", upsample_to(features, (16, 24)), bank)  # (B, H, W, K)
-    assert torch.allclose(bank_similarity(features, bank, (16, 24)), full, atol=1e-5)
+    full = torch.einsum("bdhw,kd->bhwk", common.upsample(features, (16, 24), False), bank)  # (B, H, W, K)
+    assert torch.allclose(bank_similarity(features, bank, (16, 24), False), full, atol=1e-5)
+    corners = torch.einsum("bdhw,kd->bhwk", common.upsample(features, (16, 24), True), bank)
+    assert torch.allclose(bank_similarity(features, bank, (16, 24), True), corners, atol=1e-5)
 
 
 def test_similarity_is_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     features, bank = torch.rand(2, 8, 4, 6) * 30, torch.rand(5, 8) * 30
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        sim = bank_similarity(features.bfloat16(), bank, (8, 12))
+        sim = bank_similarity(features.bfloat16(), bank, (8, 12), False)
     assert sim.dtype == torch.float32
-    reference = bank_similarity(features.bfloat16().float(), bank, (8, 12))
+    reference = bank_similarity(features.bfloat16().float(), bank, (8, 12), False)
     assert torch.allclose(sim, reference, rtol=1e-5)
 
 
-def test_upsample_adjoint_is_the_transpose():
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_adjoint_is_the_transpose(align_corners):
     torch.manual_seed(0)
     x, w = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 16, 20)
-    lhs = (upsample_to(x, (16, 20)) * w).sum()
-    assert torch.allclose(lhs, (x * upsample_adjoint(w, (4, 5))).sum(), rtol=1e-5)
+    lhs = (common.upsample(x, (16, 20), align_corners) * w).sum()
+    assert torch.allclose(lhs, (x * upsample_adjoint(w, (4, 5), align_corners)).sum(), rtol=1e-5)
 
 
 def test_class_sums_against_brute_force_means():
     torch.manual_seed(0)
     features, labels = torch.rand(2, 6, 4, 8), random_labels((2, 16, 32), 5, seed=1)
-    sums, counts = class_sums(features, labels, 7)
-    up = upsample_to(features, (16, 32))  # (B, D, H, W)
+    sums, counts = class_sums(features, labels, 7, False)
+    up = common.upsample(features, (16, 32), False)  # (B, D, H, W)
     for b in range(2):
         for c in range(7):
             where = labels[b] == c
@@ -86,11 +88,12 @@ def test_bank_fill_and_momentum_update_against_a_loop():
 
 
 def test_bank_update_inside_the_method_uses_batch_class_means():
-    method, model = make_method("dida", ["--bank-size", "38", "--bank-interval", "1", "--bank-momentum", "0.5"])
+    method, model = make_method("dida", ["--dida-bank-size", "38", "--dida-bank-interval", "1",
+                                         "--dida-bank-momentum", "0.5"])
     torch.manual_seed(0)
     features, labels = torch.rand(2, 64, 8, 16), random_labels((2, 64, 128), 19, seed=3)
-    method.after_source(features, labels, it=0)  # fills 2 entries per class, then one momentum update
-    up = upsample_to(features, (64, 128))
+    method.update_bank(features, labels, it=0)  # fills 2 entries per class, then one momentum update
+    up = common.upsample(features, (64, 128), False)
     for k in range(38):
         c, slot_rank = k % 19, k // 19  # image slot_rank filled this slot
         where_img = labels[slot_rank] == c
@@ -183,42 +186,57 @@ def test_gather_probs_against_a_loop(released):
 # ---------------------------------------------------------------- the method
 @pytest.mark.parametrize("mode", ["simmatch", "released"])
 def test_dida_step_gradients_and_no_teacher_gradient(mode):
-    method, model = make_method("dida", ["--dida-mode", mode, "--gather-alpha", "0.5"])
+    method, model = make_method("dida", ["--dida-mode", mode, "--dida-gather-alpha", "0.5"])
     source, target = toy_batch()
     terms = method.train_step(source, target, 0)
+    assert set(terms) == {"src", "fd", "pl_quality", "mix", "ins", "bank_filled"}
     assert terms["ins"] > 0 and all(torch.isfinite(v) for v in terms.values())
     assert method.bank.filled.any() and not method.bank.filled.all()  # 9 toy classes of 19
+    assert terms["bank_filled"] == method.bank.filled.float().mean()  # a logged value, not a loss
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
-    # the instance loss alone reaches the student
-    method.optimizer.zero_grad(set_to_none=True)
-    method.args.ins_lambda, method.args.fd_lambda = 1.0, 0.0
-    features, logits = model(source["image"])
-    ctx = {"size": (64, 128), "teacher_probs": torch.softmax(upsample_to(logits.detach(), (64, 128)), 1),
-           "mix_mask": torch.zeros(2, 64, 128, dtype=torch.bool)}
-    method.refine_teacher_probs(ctx["teacher_probs"], features.detach(), ctx)
-    loss, _ = method.extra_mix_losses(features, logits, ctx)["ins"]
-    loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    # the instance loss reaches the student: the same step without it (same draws) leaves other gradients
+    without, _ = make_method("dida", ["--dida-mode", mode, "--dida-gather-alpha", "0.5", "--dida-lambda-ins", "0"])
+    assert "ins" not in without.train_step(source, target, 0)  # weight 0: not computed, not logged
+    with_ins = dict(method.model.backbone.named_parameters())
+    assert any((p.grad - with_ins[name].grad).abs().sum() > 0
+               for name, p in without.model.backbone.named_parameters())
 
 
-def test_smoke_run_and_resume_restore_teacher_bank_and_rcs_stream(tmp_path, toy_stats):
-    """The uninterrupted run is the smoke run (simmatch mode, RCS source sampling, the DAFormer
-    defaults); 3 + 3 iterations through a checkpoint must give bit-identical weights, teacher and bank."""
-    common_args = ["--method", "dida", "--source", "toy-synth", *TOY_FAST, "--bank-interval", "2",
-                   "--warmup-iters", "2", "--eval-every", "3", "--stats-cache", toy_stats]
+def test_dida_draws_only_from_its_generator_and_restores_it():
+    method, _ = make_method("dida")  # simmatch: the photometric weak view draws too
+    state = method.state_dict()["generator"].clone()
+    rng_before = torch.get_rng_state()
+    method.train_step(*toy_batch(), 0)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert not torch.equal(method.generator.get_state(), state)
+    other, _ = make_method("dida")
+    other.load_state_dict(method.state_dict())
+    assert torch.equal(other.generator.get_state(), method.generator.get_state())
+    assert torch.equal(other.bank.features, method.bank.features)
+
+
+def test_dida_recipe_is_daformers_and_it_never_writes_args():
+    assert dida.RECIPE == daformer.RECIPE
+    assert_never_writes_args("dida")
+
+
+def test_smoke_run_exact_resume_and_independence_from_eval_every(tmp_path, toy_stats):
+    """The uninterrupted run is the smoke run (simmatch mode, RCS source sampling, the DAFormer recipe),
+    evaluating at the end only. The other run evaluates every 2 iterations and stops at 3 (no evaluation
+    point of its schedule) and resumes: both must end with bit-identical weights, teacher, optimizer,
+    bank and generator."""
+    common_args = ["--method", "dida", "--source", "toy-synth", *TOY_FAST, "--dida-bank-interval", "2",
+                   "--warmup-iters", "2", "--stats-cache", toy_stats]
     straight = run_script("train.py", *common_args, "--out", tmp_path / "a")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    assert " ins " in straight.stdout and "eval iter 6" in straight.stdout
-    first = run_script("train.py", *common_args, "--out", tmp_path / "b", "--stop-iter", "3")
+    assert " ins " in straight.stdout and "bank_filled" in straight.stdout and "eval iter 6" in straight.stdout
+    assert "eval iter 3" not in straight.stdout
+    split = [*common_args, "--eval-every", "2", "--out", tmp_path / "b"]
+    first = run_script("train.py", *split, "--stop-iter", "3")
     assert first.returncode == 0, first.stderr[-2000:]
-    resumed = run_script("train.py", *common_args, "--out", tmp_path / "b", "--resume", tmp_path / "b" / "last.pt")
+    assert "eval iter 2" in first.stdout
+    resumed = run_script("train.py", *split, "--resume", tmp_path / "b" / "last.pt")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = common.load_checkpoint(str(tmp_path / "a" / "last.pt"))
-    b = common.load_checkpoint(str(tmp_path / "b" / "last.pt"))
-    assert a["iter"] == b["iter"] == 6
-    for part in ("teacher", "bank"):
-        for key, value in a["method"][part].items():
-            assert torch.equal(value, b["method"][part][key]), (part, key)
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    assert a["method"]["bank"]["filled"].any()
+    assert "eval iter 4" in resumed.stdout and "eval iter 6" in resumed.stdout
+    assert_same_training_state(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    assert common.load_checkpoint(str(tmp_path / "a" / "last.pt"))["method"]["bank"]["filled"].any()

@@ -1,17 +1,19 @@
 """FADA (uda/fada.py) and the self-training stage (uda/selftrain.py): losses, order of one iteration,
-discriminator layout, stop-gradients, AMP, and train.py runs on the toy (smoke, resume)."""
+discriminator layout, stop-gradients, AMP, recipes and imports, and train.py runs on the toy (smoke,
+exact resume)."""
+import ast
 import copy
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train
-from conftest import TOY_FAST, run_script
-from uda import common, datasets, fada, selftrain
+from conftest import REPO, TOY_FAST, run_script
+from uda import augment, common, datasets, fada, selftrain
+from uda.common import UserError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,15 +107,13 @@ def test_discriminator_size_matches_official():
 # One iteration
 # --------------------------------------------------------------------------------------------------
 def make_fada(tmp_path, *extra):
-    args = train.parse_args(["--method", "fada", "--out", str(tmp_path), "--lr", "0.01", "--color-jitter",
-                             "0", "0", "0", "0", *extra])
+    """FADA on the toy network with trainable BN (not RECIPE's frozen BN), so BN buffers can be checked too."""
+    args = train.parse_args(["--method", "fada", "--out", str(tmp_path), "--lr", "0.01", "--bn", "train",
+                             "--fada-color-jitter", "0", "0", "0", "0", *extra])
     space = datasets.label_space(args.source, args)
-    device = torch.device("cpu")
     torch.manual_seed(0)
-    model = train.build_model(args, space, device)
-    env = SimpleNamespace(device=device, autocast=lambda: common.autocast(device, args.amp),
-                          scaler=common.make_scaler(device, args.amp), space=space, args=args)
-    return fada.FADA(model, args, env), args
+    model = train.build_model(args, space, torch.device("cpu"))
+    return fada.FADA(model, args, common.make_env("cpu", args.amp, space)), args
 
 
 def toy_batches(seed=0, batch=2):
@@ -137,7 +137,7 @@ def test_generator_step_leaves_discriminator_and_discriminator_step_leaves_netwo
     method, _ = make_fada(tmp_path)
     source, target = toy_batches()
     d_before, net_before = snapshot(method.discriminator), snapshot(method.model)
-    out = method.generator_step(source, target, 0)
+    out = method.generator_step(source, target)
     assert same(d_before, snapshot(method.discriminator))
     assert all(p.grad is None for p in method.discriminator.parameters())  # not even computed
     assert not same(net_before, snapshot(method.model))
@@ -172,18 +172,44 @@ def official_iteration(model, disc, opt, d_opt, source, target, temperature=1.8,
     d_opt.step()
 
 
-def test_train_step_matches_official_loop(tmp_path):
-    method, args = make_fada(tmp_path)
+@pytest.mark.parametrize("jitter", [("0", "0", "0", "0"), ("0.5", "0.5", "0.5", "0.2")])
+def test_train_step_matches_official_loop(tmp_path, jitter):
+    """The official loop gets the source images our jitter produced (the official jitter is in its loader)."""
+    method, args = make_fada(tmp_path, "--fada-color-jitter", *jitter)
+    assert args.align_corners  # the official classifier's upsampling, from RECIPE
     model, disc = copy.deepcopy(method.model), copy.deepcopy(method.discriminator)
     opt = common.sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
-    d_opt = common.adam(disc.parameters(), args.d_lr, tuple(args.d_betas))
+    d_opt = common.adam(disc.parameters(), args.fada_d_lr, tuple(args.fada_d_betas))
+    amounts = [float(a) for a in jitter]
     for it in range(2):
         source, target = toy_batches(seed=it)
+        generator = torch.Generator().set_state(method.generator.get_state())
+        jittered = dict(source, image=augment.color_jitter(source["image"], *amounts, generator))
         method.train_step(source, target, it)
-        official_iteration(model, disc, opt, d_opt, source, target)
+        official_iteration(model, disc, opt, d_opt, jittered if any(amounts) else source, target)
     for ours, ref in ((method.model, model), (method.discriminator, disc)):
         a, b = snapshot(ours), snapshot(ref)
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), "parameters diverged"
+
+
+def test_zero_adversarial_weight_is_not_logged_and_changes_nothing_else(tmp_path):
+    results = {}
+    for weight in ("0", "1e-30"):
+        method, _ = make_fada(tmp_path, "--fada-lambda-adv", weight)
+        source, target = toy_batches()
+        results[weight] = (method.train_step(source, target, 0), snapshot(method.model))
+    assert "adv" not in results["0"][0] and "adv" in results["1e-30"][0]
+    assert all(results["0"][0][k] == results["1e-30"][0][k] for k in ("seg", "d_src", "d_tgt"))
+    assert all(torch.allclose(results["0"][1][k].float(), v.float(), atol=1e-6) for k, v in results["1e-30"][1].items())
+
+
+def test_bad_method_flags_are_one_line_errors(tmp_path):
+    for flags, name in ((("--fada-color-jitter", "0", "0", "0", "0.6"), "--fada-color-jitter"),
+                        (("--fada-encoding-cap", "1.5"), "--fada-encoding-cap"),
+                        (("--fada-d-width", "1"), "--fada-d-width")):
+        with pytest.raises(UserError) as err:
+            make_fada(tmp_path, *flags)
+        assert name in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bf16_step_on_cpu_close_to_fp32(tmp_path):
@@ -198,27 +224,8 @@ def test_bf16_step_on_cpu_close_to_fp32(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Self-training augmentation
+# Self-training augmentation (colour jitter: tests/test_augment.py)
 # --------------------------------------------------------------------------------------------------
-def test_hsv_round_trip_and_zero_jitter_is_identity():
-    torch.manual_seed(3)
-    images = torch.rand(2, 3, 8, 8)
-    assert torch.allclose(selftrain.hsv_to_rgb(selftrain.rgb_to_hsv(images)), images, atol=1e-5)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(selftrain.color_jitter(images, (0, 0, 0, 0), g), images)
-    jittered = selftrain.color_jitter(images, (0.5, 0.5, 0.5, 0.2), g)
-    assert jittered.shape == images.shape and jittered.min() >= 0 and jittered.max() <= 1
-    assert not torch.allclose(jittered, images)
-
-
-def test_hue_shift_of_pure_red():
-    red = torch.zeros(1, 3, 1, 1)
-    red[0, 0] = 1.0
-    hsv = selftrain.rgb_to_hsv(red)
-    hsv[:, 0] = (hsv[:, 0] + 1.0 / 3.0) % 1.0  # +120 degrees: red -> green
-    assert torch.allclose(selftrain.hsv_to_rgb(hsv).view(3), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
-
-
 def test_scale_crop_flip_keeps_pairs_aligned():
     labels = torch.arange(4 * 8).view(1, 4, 8) % 19  # distinct values per column
     images = (labels.float() / 18.0).view(1, 1, 4, 8).expand(1, 3, 4, 8).contiguous()
@@ -232,53 +239,97 @@ def test_scale_crop_flip_keeps_pairs_aligned():
 
 
 # --------------------------------------------------------------------------------------------------
+# Recipes and imports
+# --------------------------------------------------------------------------------------------------
+def test_recipes_are_the_official_values_and_apply_as_defaults():
+    args = train.parse_args(["--method", "fada", "--out", "-", "--source", "gta5"])
+    assert (args.lr, args.head_lr_mult, args.iters, args.stop_iter, args.batch_size) == (2.5e-4, 10.0, 62500, 40000, 4)
+    assert args.align_corners and args.source_sampler == "class-balanced" and args.bn == "frozen"
+    args = train.parse_args(["--method", "selftrain", "--out", "-", "--source", "cityscapes"])
+    assert (args.lr, args.iters, args.stop_iter, args.batch_size, args.bn) == (5e-4, 31250, 20000, 8, "train")
+    assert args.align_corners and args.crop == "2048x1024"
+    toy = train.parse_args(["--method", "selftrain", "--out", "-"])
+    assert toy.crop is None and "crop" not in toy.recipe  # real-data sizes do not apply to the toy
+    explicit = train.parse_args(["--method", "fada", "--out", "-", "--lr", "0.01", "--no-align-corners"])
+    assert explicit.lr == 0.01 and not explicit.align_corners and explicit.overridden == ["align_corners", "lr"]
+
+
+@pytest.mark.parametrize("name", ["fada", "selftrain"])
+def test_method_files_import_only_torch_common_augment_source_only(name):
+    with open(os.path.join(REPO, "uda", f"{name}.py")) as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported |= {node.module} if node.module != "uda" else {f"uda.{a.name}" for a in node.names}
+    allowed = {"torch", "torch.nn", "torch.nn.functional", "uda.common", "uda.augment", "uda.source_only"}
+    assert imported <= allowed, imported - allowed
+
+
+# --------------------------------------------------------------------------------------------------
 # train.py runs on the toy
 # --------------------------------------------------------------------------------------------------
-def test_train_fada_smoke_and_resume_restores_discriminator_and_its_optimizer(tmp_path):
-    flags = [*TOY_FAST, "--iters", "4", "--eval-every", "0"]
+def tensors(obj, prefix=""):
+    """Every tensor of a nested checkpoint (dicts, lists, tuples), by path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    found = {}
+    for key, value in items:
+        found.update(tensors(value, f"{prefix}/{key}"))
+    return found
+
+
+def test_train_fada_smoke_and_resume_is_exact(tmp_path):
+    """Split at iteration 3, between the evaluations at 2 and 4, and with loader workers in the split run
+    only: every tensor of last.pt (trainable BN buffers included) must agree with the straight run's."""
+    flags = [*TOY_FAST, "--iters", "5", "--stop-iter", "5", "--eval-every", "2", "--bn", "train"]
     straight = run_script("train.py", "--method", "fada", "--out", tmp_path / "a", *flags)
     assert straight.returncode == 0, straight.stderr
     assert all(term in straight.stdout for term in ("seg", "adv", "d_src", "d_tgt", "mIoU"))
-    first = run_script("train.py", "--method", "fada", "--out", tmp_path / "b", *flags, "--stop-iter", "2")
+    assert "recipe of fada" in straight.stdout
+    split = [*flags, "--workers", "2"]
+    first = run_script("train.py", "--method", "fada", "--out", tmp_path / "b", *split, "--stop-iter", "3")
     assert first.returncode == 0, first.stderr
-    resumed = run_script("train.py", "--method", "fada", "--out", tmp_path / "b", *flags,
+    resumed = run_script("train.py", "--method", "fada", "--out", tmp_path / "b", *split,
                          "--resume", tmp_path / "b" / "last.pt")
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
-    assert a["iter"] == b["iter"] == 4
-    assert same(a["model"], b["model"])
-    assert same(a["method"]["discriminator"], b["method"]["discriminator"])
-    state_a, state_b = a["method"]["d_optimizer"]["state"], b["method"]["d_optimizer"]["state"]
-    assert state_a.keys() == state_b.keys() and all(same(state_a[k], state_b[k]) for k in state_a)
+    assert a["iter"] == b["iter"] == 5
+    ta, tb = tensors({k: a[k] for k in a if k != "args"}), tensors({k: b[k] for k in b if k != "args"})
+    assert ta.keys() == tb.keys()
+    floats = [k for k in ta if ta[k].is_floating_point()]
+    assert any(k.endswith("running_mean") for k in floats) and any(k.startswith("/method/discriminator/") for k in floats)
+    assert any(k.startswith("/method/d_optimizer/state/") for k in floats) and "/method/generator" in ta
+    assert not [k for k in ta if not torch.equal(ta[k], tb[k])]
 
 
-def test_selftrain_needs_pseudo_dir_when_train_supports_it(tmp_path):
+def test_selftrain_needs_pseudo_dir(tmp_path):
     result = run_script("train.py", "--method", "selftrain", "--out", tmp_path / "run", *TOY_FAST,
-                        "--distill-crop", "64x32")
-    accepts_pseudo = "--pseudo-dir" in run_script("train.py", "--help").stdout
-    if accepts_pseudo:
-        assert result.returncode == 2 and "--pseudo-dir" in result.stderr
-    else:
-        assert result.returncode == 0, result.stderr
-    assert os.path.isdir(tmp_path) and "Traceback" not in result.stderr
+                        "--stop-iter", "6", "--selftrain-crop", "64x32")
+    assert result.returncode == 2 and "--pseudo-dir" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_selftrain_step_trains_on_augmented_crops(tmp_path):
-    args = train.parse_args(["--method", "selftrain", "--out", str(tmp_path), "--lr", "0.01", "--distill-crop", "64x32",
-                             "--pseudo-dir", str(tmp_path)])
+    args = train.parse_args(["--method", "selftrain", "--out", str(tmp_path), "--lr", "0.01",
+                             "--selftrain-crop", "64x32", "--pseudo-dir", str(tmp_path)])
     space = datasets.label_space("toy-synth")
-    device = torch.device("cpu")
     torch.manual_seed(0)
-    model = train.build_model(args, space, device)
-    env = SimpleNamespace(device=device, autocast=lambda: common.autocast(device, "off"),
-                          scaler=common.make_scaler(device, "off"), space=space, args=args)
-    method = selftrain.SelfTrain(model, args, env)
+    model = train.build_model(args, space, torch.device("cpu"))
+    method = selftrain.SelfTrain(model, args, common.make_env("cpu", "off", space))
     source, _ = toy_batches()
-    images, labels = method.augment(source["image"], source["label"], 0)
+    state = method.state_dict()
+    images, labels = method.augment(source["image"], source["label"])
     assert images.shape == (2, 3, 32, 64) and labels.shape == (2, 32, 64)
-    again, _ = method.augment(source["image"], source["label"], 0)
-    assert torch.equal(images, again)  # seeded by (seed, rank, iteration): a resumed run sees the same crops
+    method.load_state_dict(state)
+    again, _ = method.augment(source["image"], source["label"])
+    assert torch.equal(images, again)  # the generator is in the checkpoint: a resumed run sees the same crops
+    moved_on, _ = method.augment(source["image"], source["label"])
+    assert not torch.equal(images, moved_on)
     before = snapshot(model)
     losses = method.train_step(source, None, 0)
-    assert torch.isfinite(losses["ce"]) and not same(before, snapshot(model))
+    assert list(losses) == ["ce"] and torch.isfinite(losses["ce"]) and not same(before, snapshot(model))

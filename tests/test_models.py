@@ -308,3 +308,104 @@ def test_train_and_evaluate_keep_the_bn_mode(tmp_path):
     import evaluate  # the evaluation side rebuilds the model with the saved BN mode
     model, saved, _ = evaluate.model_from_checkpoint(str(out / "last.pt"), torch.device("cpu"))
     assert saved.bn == "frozen" and isinstance(model.backbone[0][1], models.FrozenBatchNorm2d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient checkpointing (build_model(..., grad_checkpoint=True), train.py --grad-checkpoint)
+# --------------------------------------------------------------------------------------------------
+# checkpointed segments per forward: ResNet stem + 16 bottlenecks, VGG conv1_x..conv5_x + fc6-fc7,
+# MiT-B0's 8 transformer blocks, the tiny network's 5 conv blocks
+SEGMENTS = {"tiny": 5, "deeplabv2-r50": 17, "deeplabv2-vgg16": 6, "mit-b0": 8}
+DROP_PATH_TEST = 0.5  # MiT's drop-path raised so that most blocks drop a sample the recomputation must replay
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """Counts torch.utils.checkpoint.checkpoint calls (both model files look it up at call time)."""
+    calls, real = [], torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    return calls
+
+
+def plain_and_checkpointed(name, bn):
+    """The same network twice, the second built with grad_checkpoint, both in train mode."""
+    plain = build(name, bn)
+    recomputed = models.build_model(name, CLASSES, bn=bn, grad_checkpoint=True)
+    recomputed.load_state_dict(plain.state_dict())  # strict: checkpointing adds no state
+    for m in (*plain.modules(), *recomputed.modules()):
+        if isinstance(m, mit.DropPath):
+            m.p = DROP_PATH_TEST
+    return plain.train(), recomputed.train()
+
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16 on CPU is slow: tiny only
+
+
+def seeded_loss(model, images, labels, seed, amp):
+    torch.manual_seed(seed)  # the same drop-path / dropout draws for both copies
+    dtype = AUTOCAST[amp]
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        features, logits, encoder = model(images, with_encoder=True)
+    return F.cross_entropy(logits.float(), labels) + encoder.float().mean() + features.float().mean()
+
+
+def close(value, reference):
+    return torch.allclose(value, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("name, bn, amp", [
+    ("tiny", "train", "fp32"), ("tiny", "train", "fp16"), ("deeplabv2-r50", "train", "fp32"),
+    ("deeplabv2-r50", "frozen", "bf16"), ("deeplabv2-vgg16", "frozen", "fp32"), ("mit-b0", "auto", "fp32"),
+    ("mit-b0", "auto", "bf16")])
+def test_grad_checkpoint_keeps_loss_gradients_and_bn_statistics(checkpoint_calls, name, bn, amp):
+    plain, recomputed = plain_and_checkpointed(name, bn)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        side = plain.eval()(images)[1].shape[-1]
+    labels = torch.randint(0, CLASSES, (2, side, side), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for key, model in (("plain", plain.train()), ("recomputed", recomputed)):
+        losses[key] = seeded_loss(model, images, labels, seed=2, amp=amp)
+        losses[key].backward()
+        assert len(checkpoint_calls) == (SEGMENTS[name] if key == "recomputed" else 0)
+    assert close(losses["recomputed"].detach(), losses["plain"].detach())
+    grads = {n: p.grad for n, p in recomputed.named_parameters()}
+    for n, p in plain.named_parameters():
+        assert p.grad is not None and grads[n] is not None and close(grads[n], p.grad), n
+    # trainable BN: the recomputation's second update of the running statistics is undone
+    after = recomputed.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in plain.state_dict().items())
+    counters = [v.item() for k, v in after.items() if k.endswith("num_batches_tracked")]
+    assert counters == [1] * len(counters) and (counters or bn == "frozen")
+    if name.startswith("mit"):  # drop-path is live, so equal gradients mean the masks were replayed
+        with torch.no_grad():
+            assert not torch.allclose(seeded_loss(plain, images, labels, seed=3, amp=amp), losses["plain"])
+
+
+def test_grad_checkpoint_only_when_training_with_gradients(checkpoint_calls):
+    model = models.build_model("mit-b0", CLASSES, grad_checkpoint=True)
+    images = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model.train()(images)
+    model.eval()(images)
+    assert checkpoint_calls == []
+    model.train()(images)
+    assert len(checkpoint_calls) == SEGMENTS["mit-b0"]
+
+
+def test_grad_checkpoint_survives_a_second_backward_of_the_same_graph():
+    """retain_graph: every backward recomputes; the BN statistics still hold one forward's update."""
+    plain, recomputed = plain_and_checkpointed("tiny", "train")
+    images = torch.rand(2, 3, SIZE, SIZE)
+    for model in (plain, recomputed):
+        loss = model(images)[1].square().mean()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert all(close(p.grad, q.grad) for p, q in zip(recomputed.parameters(), plain.parameters()))
+    after = recomputed.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in plain.state_dict().items())

@@ -1,15 +1,16 @@
-"""PLCA: cycle association and masks against plain Python loops, sigma, aggregation, LSR, AMP, smoke run."""
+"""PLCA: cycle association and masks against plain Python loops, sigma, aggregation, the blocked autograd
+functions (gradcheck, against the plain definitions), LSR, AMP, the recipe, smoke run, resume."""
 import json
 import math
 import os
 import statistics
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+import train
 from conftest import TOY_FAST, run_script
-from uda import plca
+from uda import common, datasets, plca
 from uda.models import TinyDeepLab
 
 EPS = 1e-10
@@ -219,7 +220,7 @@ def test_chunked_association_equals_full_values_and_gradients():
         assert torch.allclose(full, chunked, atol=1e-6)
 
 
-def test_max_pixels_subsamples_each_image():
+def test_max_pixels_subsamples_each_image_from_the_given_generator():
     feats = torch.rand(1, 4, 5, 6)
     seen = []
 
@@ -227,8 +228,67 @@ def test_max_pixels_subsamples_each_image():
         seen.append((src.shape[0], tgt.shape[0]))
         return plca.feature_association(src, tgt, y, 0.5)
 
-    loss = plca.association_loss(spy, feats, feats, torch.zeros(1, 5, 6, dtype=torch.long), max_pixels=11)
-    assert seen == [(11, 11)] and torch.isfinite(loss)
+    def loss(generator):
+        return plca.association_loss(spy, feats, feats, torch.zeros(1, 5, 6, dtype=torch.long), max_pixels=11,
+                                     generator=generator)
+
+    global_state = torch.get_rng_state()
+    first, second = loss(torch.Generator().manual_seed(3)), loss(torch.Generator().manual_seed(3))
+    assert seen == [(11, 11), (11, 11)] and torch.isfinite(first)
+    assert first == second                                   # the subsets come from the generator alone ...
+    assert torch.equal(torch.get_rng_state(), global_state)  # ... and the global RNG is never drawn from
+    assert loss(torch.Generator().manual_seed(4)) != first
+
+
+# --------------------------------------------------------------------------------------------------
+# The blocked autograd functions against the plain N x M definitions (values and gradients, float64)
+# --------------------------------------------------------------------------------------------------
+def grads_of(outputs, inputs, seed):
+    """Gradients of a random weighting of the float outputs: compares whole backward passes."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum((out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() for out in outputs)
+    return torch.autograd.grad(total, inputs)
+
+
+@pytest.mark.parametrize("chunk,store", [(0, True), (0, False), (3, False)])
+def test_best_links_match_the_definition_both_ways(chunk, store):
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    best, index, best_col, index_col = plca.BestLinks.apply(a, b, chunk, store, True)
+    rows, cols = plca.log_sigma(a @ b.t()).max(1), plca.log_sigma(b @ a.t()).max(1)   # S and S' = S^T
+    assert torch.allclose(best, rows.values) and torch.equal(index, rows.indices)
+    assert torch.allclose(best_col, cols.values) and torch.equal(index_col, cols.indices)
+    for got, expected in zip(grads_of([best, best_col], (a, b), 0), grads_of([rows.values, cols.values], (a, b), 0)):
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+    best_rows, index_rows = plca.BestLinks.apply(a, b, chunk, store, False)
+    assert torch.equal(best_rows, best) and torch.equal(index_rows, index)
+    rows = plca.log_sigma(a @ b.t()).max(1)   # a fresh graph: the one above was used
+    for got, expected in zip(grads_of([best_rows], (a, b), 1), grads_of([rows.values], (a, b), 1)):
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk,store", [(0, True), (0, False), (3, False)])
+def test_aggregate_matches_the_definition_and_gradcheck(chunk, store):
+    g = torch.Generator().manual_seed(13)
+    a = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    # z-scored (sigma, statistics detached, so no finite-difference check): against autograd of the definition,
+    # also with one tensor as both factors (the cosine aggregation; the kept path's symmetric backward)
+    for args in [(a, b, c), (x, x, y)]:
+        got = plca.Aggregate.apply(*args, chunk, store, True)
+        expected = plca.sigma(args[0] @ args[1].t()) @ args[2]
+        assert torch.allclose(got, expected)
+        inputs = tuple(dict.fromkeys(args))
+        for grad, grad_expected in zip(grads_of([got], inputs, 2), grads_of([expected], inputs, 2)):
+            assert torch.allclose(grad, grad_expected, rtol=1e-9, atol=1e-12)
+    # plain softmax (the KL aggregation): a true derivative, so gradcheck
+    assert torch.allclose(plca.Aggregate.apply(a, b, c, chunk, store, False), torch.softmax(a @ b.t(), 1) @ c)
+    assert torch.autograd.gradcheck(lambda p, q, r: plca.Aggregate.apply(p, q, r, chunk, store, False), (a, b, c))
+    assert torch.autograd.gradcheck(lambda p, q: plca.Aggregate.apply(p, p, q, chunk, store, False), (x, y))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,12 +314,10 @@ def test_lsr_gradient_is_l_minus_tau_over_tau_times_dl():
 # --------------------------------------------------------------------------------------------------
 # AMP, the method step, test-time aggregation
 # --------------------------------------------------------------------------------------------------
-def make_args(**overrides):
-    args = dict(lovasz_weight=1.5, fass_weight=0.1, cass_weight=0.1, lsr_weight=0.01, lsr_tau=10.0, agg_alpha=0.5,
-                plca_chunk=0, plca_max_pixels=0, iter_size=1, batch_size=2, head_lr_mult=1.0, lr=1e-3,
-                momentum=0.9, weight_decay=5e-4)
-    args.update(overrides)
-    return SimpleNamespace(**args)
+def make_method(model, *flags, amp="off"):
+    args = train.parse_args(["--method", "plca", "--out", "unused", "--batch-size", "2", "--lr", "1e-3", *flags])
+    env = common.make_env("cpu", amp, datasets.label_space(args.source, args))
+    return plca.PLCA(model, args, env)
 
 
 def test_bf16_autocast_matches_fp32():
@@ -279,9 +337,8 @@ def test_bf16_autocast_matches_fp32():
     images_s, images_t = torch.rand(2, 3, 64, 48), torch.rand(2, 3, 64, 48)
     label = torch.randint(0, 5, (2, 64, 48))
     totals = []
-    for amp in (False, True):
-        env = SimpleNamespace(autocast=lambda amp=amp: torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
-        method = plca.PLCA(model, make_args(), env)
+    for amp in ("off", "bf16"):
+        method = make_method(model, amp=amp)
         terms, total = method.losses(images_s, label, images_t)
         assert all(torch.isfinite(t) for t in terms.values())
         totals.append(total.item())
@@ -306,14 +363,13 @@ def test_aggregate_predict_is_a_distribution_and_reduces_to_the_model_at_alpha_z
 
 
 def test_iter_size_accumulates_to_the_mean_over_micro_batches():
-    """--iter-size 2 on 2 pairs gives the gradient of the mean of the two single-pair objectives."""
+    """--plca-iter-size 2 on 2 pairs gives the gradient of the mean of the two single-pair objectives."""
     torch.manual_seed(0)
     model = TinyDeepLab(num_classes=5)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    env = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False), scaler=scaler)
     source = {"image": torch.rand(2, 3, 64, 48), "label": torch.randint(0, 5, (2, 64, 48))}
     target = {"image": torch.rand(2, 3, 64, 48)}
-    method = plca.PLCA(model, make_args(iter_size=2, lr=0.0, weight_decay=0.0, momentum=0.0), env)
+    method = make_method(model, "--plca-iter-size", "2")
+    common.set_lr(method.optimizer, 0.0)   # the step leaves the model as it is, as the loop's schedule would
     method.train_step(source, target, 0)
     accumulated = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -324,8 +380,22 @@ def test_iter_size_accumulates_to_the_mean_over_micro_batches():
         assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_recipe_and_logged_terms():
+    args = train.parse_args(["--method", "plca", "--source", "gta5", "--out", "unused"])
+    assert (args.lr, args.head_lr_mult, args.bn, args.lovasz_weight, args.align_corners) == (2.5e-4, 1.0, "train", 1.5,
+                                                                                              False)
+    assert (args.crop, args.source_size, args.target_size, args.random_scale) == ("730x730", "1383x760", "1520x760",
+                                                                                  [1.0, 1.3])
+    assert (args.iters, args.batch_size, args.backbone) == (11160, 4, "deeplabv2-r101-caffe")
+    # a term whose weight is 0 is not logged
+    torch.manual_seed(0)
+    method = make_method(TinyDeepLab(num_classes=5), "--lovasz-weight", "0", "--plca-lambda-cass", "0")
+    terms, _ = method.losses(torch.rand(2, 3, 64, 48), torch.randint(0, 5, (2, 64, 48)), torch.rand(2, 3, 64, 48))
+    assert set(terms) == {"ce", "fass", "lsr_s", "lsr_t"}
+
+
 # --------------------------------------------------------------------------------------------------
-# Smoke run through train.py and evaluate.py
+# Smoke run through train.py and evaluate.py, resume
 # --------------------------------------------------------------------------------------------------
 def test_smoke_train_and_evaluate_with_aggregation(tmp_path):
     out = tmp_path / "run"
@@ -343,6 +413,34 @@ def test_smoke_train_and_evaluate_with_aggregation(tmp_path):
     res = run_script("evaluate.py", "--ckpt", ckpt, "--workers", "0", "--device", "cpu", "--tta-aggregate", "off")
     assert res.returncode == 0 and "test-time aggregation off" in res.stdout
     # bad input: one line, exit 2
-    res = run_script("train.py", "--method", "plca", "--out", tmp_path / "bad", *TOY_FAST, "--iter-size", "3")
-    assert res.returncode == 2 and "--iter-size" in res.stderr and "Traceback" not in res.stderr
+    res = run_script("train.py", "--method", "plca", "--out", tmp_path / "bad", *TOY_FAST, "--plca-iter-size", "3")
+    assert res.returncode == 2 and "--plca-iter-size" in res.stderr and "Traceback" not in res.stderr
     assert os.path.exists(ckpt)
+
+
+def float_tensors(obj, prefix=""):
+    """{path: tensor} of every floating-point tensor in a nested checkpoint."""
+    if torch.is_tensor(obj):
+        return {prefix: obj} if obj.is_floating_point() else {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {path: t for key, value in items for path, t in float_tensors(value, f"{prefix}/{key}").items()}
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopped at iteration 3 (not an evaluation iteration of the straight run) and resumed: every float
+    tensor of last.pt equals the straight run's. --plca-max-pixels draws subsets from the method's generator."""
+    flags = ["--method", "plca", *TOY_FAST, "--plca-max-pixels", "64", "--plca-iter-size", "2"]
+    straight = run_script("train.py", "--out", tmp_path / "a", *flags)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run_script("train.py", "--out", tmp_path / "b", *flags, "--stop-iter", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_script("train.py", "--out", tmp_path / "b", *flags, "--resume", tmp_path / "b" / "last.pt")
+    assert second.returncode == 0, second.stderr[-2000:]
+    a = common.load_checkpoint(str(tmp_path / "a" / "last.pt"))
+    b = common.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    assert a["iter"] == b["iter"] == 6 and torch.equal(a["method"]["generator"], b["method"]["generator"])
+    tensors_a, tensors_b = float_tensors({k: a[k] for k in ("model", "method")}), float_tensors(
+        {k: b[k] for k in ("model", "method")})
+    assert tensors_a.keys() == tensors_b.keys() and len(tensors_a) > 10
+    for path, tensor in tensors_a.items():
+        assert torch.equal(tensor, tensors_b[path]), path

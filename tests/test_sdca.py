@@ -1,17 +1,19 @@
-"""SDCA: statistics estimator, pixel contrastive loss, augmentation, the method, init command, resume."""
+"""SDCA: statistics estimator, pixel contrastive loss, source augmentation and generator, the method,
+its recipe, the init command, resume. (The augmentation functions themselves: tests/test_augment.py.)"""
+import copy
 import math
 import os
 import subprocess
 import sys
 import tempfile
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import train
 from conftest import REPO, TOY_FAST, run_script
-from uda import common, models, sdca
+from uda import augment, common, datasets, models, sdca
 from uda.common import IGNORE_INDEX, UserError
 
 
@@ -168,49 +170,19 @@ def test_confident_pseudo_labels_and_label_downsampling():
     logits = torch.tensor([[10.0, 0.0], [0.1, 0.0]]).t().reshape(1, 2, 1, 2)  # pixel 0 sure, pixel 1 not
     assert sdca.confident_pseudo_labels(logits, 0.9).tolist() == [[[0, IGNORE_INDEX]]]
     labels = torch.arange(16).view(1, 4, 4)
-    assert sdca.downsample_labels(labels, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
-
-
-# --------------------------------------------------------------------------------------------------
-# Source augmentation
-# --------------------------------------------------------------------------------------------------
-def test_hue_rotation_and_identity():
-    g = torch.Generator().manual_seed(7)
-    image = torch.rand(3, 8, 8, generator=g)
-    torch.testing.assert_close(sdca.adjust_hue(image, 0.0), image, atol=1e-5, rtol=0)
-    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 2, 2)
-    torch.testing.assert_close(sdca.adjust_hue(red, 1 / 3), torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1).expand(3, 2, 2))
-
-
-def test_augmentation_range_determinism_and_switches():
-    images = torch.rand(3, 3, 16, 24, generator=torch.Generator().manual_seed(8))
-    aug = lambda seed, **kw: sdca.augment_source(images, torch.Generator().manual_seed(seed), **{
-        "jitter": (0.5, 0.5, 0.5, 0.2), "gray_p": 0.2, "blur_kernel": 3, "blur_sigma": (0.1, 2.0), **kw})
-    out = aug(0)
-    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
-    assert torch.equal(out, aug(0)) and not torch.equal(out, aug(1))
-    assert torch.equal(aug(0, jitter=(0, 0, 0, 0), gray_p=0.0, blur_kernel=0), images)
-    gray = aug(0, gray_p=1.0, blur_kernel=0)
-    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
-    flat = torch.full((3, 5, 5), 0.4)
-    torch.testing.assert_close(sdca.gaussian_blur(flat, 3, 1.5), flat)
+    assert common.downsample_labels(labels, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
 
 
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
-def make_method(**overrides):
-    import argparse
-    parser = argparse.ArgumentParser()
-    sdca.add_arguments(parser)
-    args = parser.parse_args([])
-    common_args = dict(lr=0.01, head_lr_mult=10.0, momentum=0.9, weight_decay=5e-4, seed=0)
-    for key, value in {**common_args, **overrides}.items():
-        setattr(args, key, value)
+def make_method(*flags):
+    """SDCA on the tiny toy model, built as train.py builds it, from train.py's own parser."""
+    args = train.parse_args(["--method", "sdca", "--out", "-", "--iters", "6", "--stop-iter", "6", "--lr", "0.01",
+                             *map(str, flags)])
     torch.manual_seed(0)
-    model = models.build_model("tiny", 19)
-    env = SimpleNamespace(device=torch.device("cpu"), autocast=lambda: common.autocast(torch.device("cpu"), "off"),
-                          scaler=common.make_scaler(torch.device("cpu"), "off"))
+    model = models.build_model(args.backbone, datasets.TOY_SPACE.num_classes, bn=args.bn)
+    env = common.make_env("cpu", args.amp, datasets.TOY_SPACE)
     return model, sdca.SDCA(model, args, env)
 
 
@@ -225,7 +197,7 @@ def toy_batch(seed, labeled=True):
 def test_feature_loss_reaches_only_the_backbone_output_loss_both():
     model, _ = make_method()
     feats, logits = model(toy_batch(0)["image"])
-    y = sdca.downsample_labels(toy_batch(0)["label"], feats.shape[-2:]).reshape(-1)
+    y = common.downsample_labels(toy_batch(0)["label"], feats.shape[-2:]).reshape(-1)
     stats = sdca.ClassStatistics(19, model.feature_dim)
     stats.update(sdca.flatten_pixels(feats), y)
     assert not stats.mean.requires_grad and not stats.var.requires_grad
@@ -252,12 +224,87 @@ def test_init_statistics_file_is_checked(tmp_path):
     stats = sdca.ClassStatistics(19, 32)  # the tiny backbone has D = 64
     torch.save({"feat": stats.state_dict(), "out": sdca.ClassStatistics(19, 19).state_dict()}, tmp_path / "s.pt")
     with pytest.raises(UserError, match="--sdca-init-stats"):
-        make_method(sdca_init_stats=str(tmp_path / "s.pt"))
+        make_method("--sdca-init-stats", tmp_path / "s.pt")
     torch.save({"other": 1}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="not a file written"):
-        make_method(sdca_init_stats=str(tmp_path / "bad.pt"))
+        make_method("--sdca-init-stats", tmp_path / "bad.pt")
     with pytest.raises(UserError, match="--sdca-tau"):
-        make_method(sdca_tau=0.0)
+        make_method("--sdca-tau", "0")
+
+
+def test_recipe_is_the_official_sdca_stage():
+    args = train.parse_args(["--method", "sdca", "--source", "gta5", "--out", "-"])
+    expected = {"lr": 2.5e-4, "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 5e-4, "poly_power": 0.9,
+                "iters": 62500, "stop_iter": 40000, "batch_size": 4, "bn": "frozen",
+                "source_sampler": "class-balanced", "synthia_classes": 16, "lovasz_weight": 0.75,
+                "align_corners": True, "backbone": "deeplabv2-r101"}
+    assert {key: getattr(args, key) for key in expected} == expected
+    assert (args.sdca_jitter, args.sdca_grayscale, args.sdca_blur_kernel, args.sdca_blur_sigma) == (
+        [0.5, 0.5, 0.5, 0.2], 0.2, 3, [0.1, 2.0])
+    assert train.parse_args(["--method", "sdca", "--out", "-"]).backbone == "tiny"  # the toy keeps its network
+
+
+def capture_model_inputs(model):
+    """A list that receives a copy of the images of every forward of `model`."""
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    return seen
+
+
+def test_only_the_source_is_augmented_jitter_then_grayscale_then_blur_from_the_method_generator():
+    model, method = make_method()
+    seen = capture_model_inputs(model)
+    source, target = toy_batch(0), toy_batch(1, labeled=False)
+    g = common.method_generator(0, sdca.STREAM)  # the method's generator, as it starts
+    assert torch.equal(method.generator.get_state(), g.get_state())
+    expected = augment.color_jitter(source["image"], 0.5, 0.5, 0.5, 0.2, g)
+    expected = augment.random_grayscale(expected, 0.2, g)
+    expected = augment.random_gaussian_blur(expected, 3, (0.1, 2.0), g)
+    method.train_step(source, target, 0)
+    assert not torch.equal(expected, source["image"])
+    assert torch.equal(seen[0], expected) and torch.equal(seen[1], target["image"])
+    assert torch.equal(method.generator.get_state(), g.get_state())  # no other draw from it
+
+
+def test_augment_off_feeds_both_batches_unchanged_and_draws_nothing():
+    model, method = make_method("--sdca-augment", "off")
+    seen = capture_model_inputs(model)
+    source, target = toy_batch(0), toy_batch(1, labeled=False)
+    before = method.generator.get_state()
+    method.train_step(source, target, 0)
+    assert torch.equal(seen[0], source["image"]) and torch.equal(seen[1], target["image"])
+    assert torch.equal(method.generator.get_state(), before)
+
+
+def test_train_step_leaves_the_global_rng_alone():
+    _, method = make_method()
+    state = torch.get_rng_state()
+    method.train_step(toy_batch(0), toy_batch(1, labeled=False), 0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_load_state_dict_restores_generator_and_statistics_so_the_next_step_is_identical():
+    model_a, a = make_method()
+    a.train_step(toy_batch(0), toy_batch(1, labeled=False), 0)
+    weights, state = copy.deepcopy(model_a.state_dict()), copy.deepcopy(a.state_dict())
+    model_b, b = make_method()
+    assert not torch.equal(b.generator.get_state(), state["generator"])  # a fresh method would augment otherwise
+    model_b.load_state_dict(weights)
+    b.load_state_dict(state)
+    logged_a = a.train_step(toy_batch(2), toy_batch(3, labeled=False), 1)
+    logged_b = b.train_step(toy_batch(2), toy_batch(3, labeled=False), 1)
+    assert logged_a.keys() == logged_b.keys()
+    assert all(torch.equal(logged_a[k], logged_b[k]) for k in logged_a)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(model_b.state_dict()[key], value), key
+
+
+def test_terms_with_weight_zero_are_not_logged():
+    _, method = make_method("--lovasz-weight", "0", "--sdca-lambda-feat", "0")
+    logged = method.train_step(toy_batch(0), toy_batch(1, labeled=False), 0)
+    assert set(logged) == {"ce", "out", "target_confident"}
+    assert all(v.dim() == 0 and not v.requires_grad for v in logged.values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,32 +352,79 @@ def run_module(module, *args):
                           text=True, env=env, timeout=600)
 
 
-def test_toy_pipeline_and_exact_resume(tmp_path):
-    src, stats = tmp_path / "src", tmp_path / "stats.pt"
-    src.mkdir()  # a stand-in for a source-only checkpoint: an untrained tiny model in train.py's format
+def standin_checkpoint(path):
+    """A stand-in for a source-only checkpoint: an untrained tiny model in train.py's format."""
     torch.manual_seed(0)
     torch.save({"model": models.build_model("tiny", 19).state_dict(),
-                "args": {"method": "source_only", "source": "toy-synth", "backbone": "tiny"}}, src / "last.pt")
-    r = run_module("uda.sdca", "init", "--ckpt", src / "last.pt", "--out", stats, "--max-images", "8",
+                "args": {"method": "source_only", "source": "toy-synth", "backbone": "tiny"}}, path)
+    return path
+
+
+def checkpoint_tensors(obj, path=()):
+    """(path, tensor) for every tensor inside the nested dicts / lists / tuples of a checkpoint."""
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from checkpoint_tensors(value, path + (key,))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from checkpoint_tensors(value, path + (i,))
+
+
+def test_toy_pipeline_and_exact_resume(tmp_path):
+    src, stats = standin_checkpoint(tmp_path / "src.pt"), tmp_path / "stats.pt"
+    r = run_module("uda.sdca", "init", "--ckpt", src, "--out", stats, "--max-images", "8",
                    "--workers", "0", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     init = torch.load(stats)
     assert init["out"]["count"].sum().item() == 8 * (128 // 8) * (256 // 8)  # toy images are 256 x 128
-    common_flags = ["--method", "sdca", "--pretrained", src / "last.pt", "--sdca-init-stats", stats, *TOY_FAST]
-    r = run_script("train.py", *common_flags, "--out", tmp_path / "full")
+    # the recipe's sampler (class-balanced) and BN (frozen); evaluation only where a run stops, so the
+    # split at 3 is an evaluation point of the interrupted run only
+    common_flags = ["--method", "sdca", "--pretrained", src, "--sdca-init-stats", stats, *TOY_FAST,
+                    "--eval-every", "100"]
+    r = run_script("train.py", *common_flags, "--stop-iter", "6", "--out", tmp_path / "full")
     assert r.returncode == 0, r.stderr
     assert "loss/feat" in (tmp_path / "full" / "metrics.jsonl").read_text()
     r = run_script("train.py", *common_flags, "--stop-iter", "3", "--out", tmp_path / "part")
     assert r.returncode == 0, r.stderr
-    r = run_script("train.py", *common_flags, "--out", tmp_path / "part", "--resume", tmp_path / "part" / "last.pt")
+    r = run_script("train.py", *common_flags, "--stop-iter", "6", "--out", tmp_path / "part",
+                   "--resume", tmp_path / "part" / "last.pt")
     assert r.returncode == 0, r.stderr
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
     part = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
-    for level in ("feat_stats", "out_stats"):
-        for key, value in full["method"][level].items():
-            assert torch.equal(part["method"][level][key], value), (level, key)
+    assert full["iter"] == part["iter"] == 6
+    assert full["args"]["bn"] == "frozen" and full["args"]["source_sampler"] == "class-balanced"
+    # every tensor: model, optimizer, class statistics, the method's generator; not the global RNG,
+    # which only the interrupted run's extra evaluation (its loader's seed) drew from
+    full_tensors = {p: t for p, t in checkpoint_tensors(full) if p[0] != "rng"}
+    part_tensors = {p: t for p, t in checkpoint_tensors(part) if p[0] != "rng"}
+    assert full_tensors.keys() == part_tensors.keys() and ("method", "generator") in full_tensors
+    assert any(t.is_floating_point() for t in full_tensors.values())
+    for path, value in full_tensors.items():
+        assert torch.equal(part_tensors[path], value), path
     # 6 iterations x 2 source images x 8 x 16 pixels pooled on top of the init statistics
     added = full["method"]["out_stats"]["count"].sum() - init["out"]["count"].sum()
     assert added.item() == 6 * 2 * 8 * 16
-    for key, value in full["model"].items():
-        assert torch.equal(part["model"][key], value), key
+
+
+def test_init_refuses_an_existing_out_file(tmp_path):
+    src, out = standin_checkpoint(tmp_path / "src.pt"), tmp_path / "stats.pt"
+    out.write_bytes(b"the user's own file")
+    r = run_module("uda.sdca", "init", "--ckpt", src, "--out", out, "--max-images", "2", "--workers", "0",
+                   "--device", "cpu")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out" in lines[0] and "--overwrite" in lines[0], r.stderr
+    assert out.read_bytes() == b"the user's own file"
+    with pytest.raises(UserError, match="is a folder"):
+        sdca.init_main(["init", "--ckpt", str(src), "--out", str(tmp_path), "--device", "cpu"])
+    sdca.init_main(["init", "--ckpt", str(src), "--out", str(out), "--overwrite", "--max-images", "2",
+                    "--workers", "0", "--device", "cpu"])
+    assert torch.load(out)["images"] == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--workers", "-1"), ("--max-images", "0")])
+def test_init_rejects_counts_out_of_range(tmp_path, flag, value):
+    with pytest.raises(UserError, match=flag):
+        sdca.parse_init_args(["init", "--ckpt", "c.pt", "--out", str(tmp_path / "s.pt"), flag, value])

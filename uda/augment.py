@@ -60,7 +60,9 @@ def hsv_to_rgb(hsv):
     h6 = torch.remainder(hue, 1.0) * 6.0
     sector = torch.floor(h6)
     frac = h6 - sector
-    sector = sector.long().clamp(0, 5)
+    # remainder of a tiny negative hue rounds up to 1.0 in fp32 (h6 = 6, frac 0): that is sector 0 at
+    # frac 0, so wrap (clamping to sector 5 would turn red into magenta)
+    sector = sector.long() % 6
     p, q, t = val * (1.0 - sat), val * (1.0 - sat * frac), val * (1.0 - sat * (1.0 - frac))
     candidates = torch.stack([val, p, q, t], dim=1)                        # (B, 4, H, W)
     # (r, g, b) as indices into (v, p, q, t) for each of the six hue sectors
@@ -141,7 +143,8 @@ def gaussian_blur(images, kernel_size, sigma):
         else:
             out = F.conv2d(F.pad(out, (half, half, 0, 0), mode="reflect"), taps[:, None, None, :],
                            groups=batch * channels)
-    return out.reshape(batch, channels, height, width)
+    # the taps sum to 1 only up to rounding: keep a [0, 1] image in [0, 1]
+    return out.reshape(batch, channels, height, width).clamp(0.0, 1.0)
 
 
 def random_gaussian_blur(images, kernel_size, sigma_range, generator):

@@ -1,5 +1,7 @@
 """CDGA: cross-domain grouping and alignment -- a RECONSTRUCTION from the paper's description.
 
+Copy with: uda/common.py, uda/source_only.py (the only files of uda/ this one imports).
+
 Minsu Kim, Sunghun Joung, Seungryong Kim, Jungin Park, Ig-Jae Kim, Kwanghoon Sohn, "Cross-Domain
 Grouping and Alignment for Domain Adaptive Semantic Segmentation", AAAI 2021, arXiv 2012.08226.
 
@@ -8,11 +10,15 @@ implementation was found), so no commit was checked. The paper's full text (equa
 tables) was not available either. What this file implements is built from the abstract, the Figure 1
 legend, the Figure 2 caption and third-party summaries (see shared/reference/cdga.md). The four parts
 the abstract names are all here; every formula below is OUR design choice, listed with its reason and
-its alternative. No published number is reproduced.
+its alternative. No published number is reproduced. The training protocol around it is that of the
+adversarial baselines CDGA builds on, AdaptSegNet (Tsai et al., CVPR 2018,
+https://github.com/wasidennis/AdaptSegNet) and ADVENT (Vu et al., CVPR 2019,
+https://github.com/valeoai/ADVENT): see RECIPE.
 
 Notation: G the segmentation network, F = G's features (B, D, h, w) at stride 8, Z its logits
-(B, C, h, w), P = softmax(Z) per pixel over C classes, y_s source labels (255 ignored), K groups.
-Sums over p run over the pixels of one domain's batch; up(.) is bilinear upsampling to the domain's input image size.
+(B, C, h, w), P = softmax(Z) per pixel over C classes, y_s source labels (255 ignored), K groups
+(--cdga-groups). Sums over p run over the pixels of one domain's batch; up(.) is bilinear upsampling to
+the domain's input image size (--align-corners).
 
   Grouping network (a learnable clustering module):  A(p) = softmax_k(Cnet(stopgrad F)(p)), A in simplex^K
   Group class profile, per domain d in {s, t}:       q_d^k = sum_p A_d^k(p) P_d(p) / (sum_p A_d^k(p) + eps)
@@ -28,11 +34,13 @@ Sums over p run over the pixels of one domain's batch; up(.) is bilinear upsampl
   Class equivalence (class imbalance): w_d(p) = 1 / (|present classes| * n_{c(p)}), n_c = pixel count of
       class c in the batch (source: y_s; target: pseudo-label argmax P_t), so every present class carries
       the same total weight in the alignment whatever its pixel count; 0 on ignored pixels.
-      --class-weighting uniform gives w = 1 / #valid pixels instead.
+      --cdga-class-weighting uniform gives w = 1 / #valid pixels instead.
 
 Total objective per iteration (the three networks take separate steps, in this order):
-  G:    L_ce(up(Z_s), y_s) + lambda_adv * L_adv                       (--lambda-adv)
-  Cnet: lambda_sc * L_sc + lambda_orth * L_orth + lambda_bal * L_bal  (--lambda-sc --lambda-orth --lambda-balance)
+  G:    L_ce(up(Z_s), y_s) + lambda_lovasz L_lov + lambda_adv * L_adv   (--lovasz-weight, 0 in RECIPE;
+                                                                         --cdga-lambda-adv)
+  Cnet: lambda_sc * L_sc + lambda_orth * L_orth + lambda_bal * L_bal  (--cdga-lambda-sc --cdga-lambda-orth
+                                                                       --cdga-lambda-balance)
   Dnet: L_D
 G and Cnet are stepped after one backward of the sum: their graphs are disjoint (F and P are detached
 where Cnet reads them, A is detached where G's adversarial loss reads it), so each gets only its terms.
@@ -41,21 +49,23 @@ Design choices (ours; reason; alternative):
  1. Cnet reads the features F, detached. Reason: the abstract motivates grouping by the multi-modal,
     intra-class variation that category-level alignment misses, which P (a class posterior) cannot
     show; detached so that clustering does not distort segmentation ("without forgetting precise
-    segmentation ability on the source"). Alternative: group on stopgrad P (--group-input probs).
- 2. Cnet = 3x3 conv D->256, ReLU, 1x1 conv 256->K (--group-hidden); Adam like the discriminator
-    (--group-lr, --d-betas). Reason: smallest head that sees local context. Alternative: a 1x1 head.
+    segmentation ability on the source"). Alternative: group on stopgrad P (--cdga-group-input probs).
+ 2. Cnet = 3x3 conv D->256, ReLU, 1x1 conv 256->K (--cdga-group-hidden); Adam like the discriminator
+    (--cdga-group-lr, --cdga-d-betas). Reason: smallest head that sees local context. Alternative: a 1x1
+    head.
  3. Source profiles from the labels. Reason: exact class content; target has no labels, so it uses P_t.
-    Alternative: P_s (--source-profile probs).
+    Alternative: P_s (--cdga-source-profile probs).
  4. L_sc uses L1 between profiles. Reason: bounded, no log of empty classes. Alternative: symmetric KL
-    (--sc-distance skl).
+    (--cdga-sc-distance skl).
  5. L_orth = mean cosine similarity of profiles of different groups, per domain: 0 when groups hold
     disjoint class sets, 1 (its maximum; profiles are non-negative) when all groups are alike.
  6. L_bal is not in the paper's description: without it, orthogonality is met by near-empty groups
     whose tiny mass is skewed towards one class, i.e. collapse into one used group. It is logged with
-    the usage metrics group_max_share_s/t and group_entropy. Alternative: --lambda-balance 0.
+    the usage metrics group_max_share_s/t and group_entropy. Alternative: --cdga-lambda-balance 0.
  7. One discriminator on the K*C-channel concatenation with K output channels (AdaptSegNet's
     FCDiscriminator widths), the cheapest reading of "D decides, for each sub-space, source or target".
-    Alternative: K independent discriminators, one per group's X^k (--d-mode separate; grouped convs).
+    Alternative: K independent discriminators, one per group's X^k (--cdga-d-mode separate; grouped
+    convs).
  8. D's per-group logits are upsampled to pixels and each pixel's BCE for group k is weighted by
     A^k(p), so group k's output is judged on group k's pixels (pixel-weighted adversarial maps as in
     CLAN, Luo et al. CVPR 2019). sum_k A^k = 1 and sum_p w = 1 keep the scale of AdaptSegNet's loss,
@@ -63,26 +73,19 @@ Design choices (ours; reason; alternative):
  9. Class equivalence as class-balanced pixel weights on both D's and G's adversarial loss. Reason:
     exact with hard counts; every present class gets 1/|present| of the weight, split over groups by
     A. Alternative reading: balance the classes inside each group (needs a presence threshold on soft
-    counts n_{k,c}, a number we would have to invent); uniform weights: --class-weighting uniform.
-10. Profiles and class counts are per process (per rank): under DDP each rank's loss is its own batch's,
-    and optimizer_step averages gradients of G, Cnet and Dnet over ranks (this explicit averaging
-    stands in for wrapping the discriminator and Cnet as DDP modules).
+    counts n_{k,c}, a number we would have to invent); uniform weights: --cdga-class-weighting uniform.
+10. Profiles and class counts are per process: under DDP each rank's loss is its own batch's, and
+    gradients of G, Cnet and Dnet are averaged in common.optimizer_step.
 
-Recipe (the AdaptSegNet/ADVENT protocol AAAI-21 adversarial methods follow; the common defaults of
-train.py already hold its optimiser values): DeepLab-v2 R101, GTA5 1280x720 / SYNTHIA 1280x760 ->
-Cityscapes 1024x512, batch 1+1, SGD lr 2.5e-4 (head x10), momentum 0.9, wd 5e-4, poly 0.9; Dnet Adam
-1e-4 betas (0.9, 0.99); lambda_adv 1e-3; 250k iterations, early stop ~120k:
-  train.py --method cdga --source gta5 --data-root DATA --backbone deeplabv2-r101-caffe --batch-size 1
-      --pretrained DeepLab_resnet_pretrained_init-f81d91e8.pth --iters 250000 --stop-iter 120000
-(train.py's default resizes are the protocol's: GTA5 1280x720, SYNTHIA 1280x760, Cityscapes 1024x512).
-K is unknown: default 4; a sweep over {2, 4, 8} is the first experiment to run on real data.
-
-Deviations: the whole method is a reconstruction (above). D reads group-masked predictions at the input
-size, like AdaptSegNet's output-space D. The target batch passes through G in train mode, so trainable
-BatchNorm (the toy's tiny backbone) also collects target statistics, which the frozen-BN DeepLab-v2 of
-the recipe does not; on the toy that alone explains the gain over source_only (README: the
---lambda-adv 0 control). Compute: Cnet at stride 8 and a D on K*C channels, no N x N matrices; the
-second (target) forward/backward dominates (`python -m uda.bench_cdga`, figures in the README).
+Deviations: the whole method is a reconstruction (above); nothing was checked against code or
+equations of the authors. From the AdaptSegNet/ADVENT base: D reads group-masked predictions at the
+input size (their output-space D reads the predictions); one D on the final output only (no auxiliary
+conv4 head and D); BatchNorm of the DeepLab-v2 recipe is frozen (--bn auto: fixed statistics and
+affine), where their code fixes the affine but leaves BN in train mode; --iters is their poly length,
+their early stop (ADVENT 120,000, AdaptSegNet 150,000 iterations) is --stop-iter. The target batch
+passes through G in train mode, so trainable BatchNorm (the toy's tiny backbone) also collects target
+statistics, which the frozen-BN DeepLab-v2 of the recipe does not. Compute: Cnet at stride 8 and a D on
+K*C channels, no N x N matrices; the second (target) forward/backward dominates.
 """
 import math
 
@@ -90,8 +93,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from uda.common import IGNORE_INDEX, UserError, adam, broadcast_parameters, optimizer_step, sgd
-from uda.source_only import cross_entropy, upsample_to
+from uda.common import (IGNORE_INDEX, UserError, adam, broadcast_parameters, downsample_labels, optimizer_step, sgd,
+                        upsample)
+from uda.source_only import supervised_loss
 
 EPS = 1e-6
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # domain labels of AdaptSegNet (train_gta2cityscapes_multi.py)
@@ -201,9 +205,6 @@ def groupwise_adversarial_loss(d_logits, assign, weights, domain_label):
 # --------------------------------------------------------------------------------------------------
 # Modules: the grouping network and the group-wise discriminator
 # --------------------------------------------------------------------------------------------------
-RECIPE = {}
-
-
 class GroupingNet(nn.Module):
     """Cnet: 3x3 conv in -> hidden, ReLU, 1x1 conv hidden -> K. Returns group logits (B, K, h, w)."""
 
@@ -243,26 +244,51 @@ class GroupDiscriminator(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
+# The AdaptSegNet / ADVENT protocol (AdaptSegNet pytorch_0.4/train_gta2cityscapes_multi.py, ADVENT
+# advent/domain_adaptation/config.py). Not in it: source_size (train.py's per-dataset defaults are the
+# protocol's GTA5 1280x720 / SYNTHIA 1280x760), bn (--bn auto freezes DeepLab-v2's BN, keeps the toy's
+# trainable) and stop_iter (their early stop, ADVENT 120,000 / AdaptSegNet 150,000: pass --stop-iter).
+RECIPE = {
+    "lr": 2.5e-4,                          # LEARNING_RATE 2.5e-4 (both)
+    "head_lr_mult": 10.0,                  # optim_parameters: the classifier at 10 x LR (both)
+    "momentum": 0.9,                       # MOMENTUM (both)
+    "weight_decay": 5e-4,                  # WEIGHT_DECAY 0.0005 (both)
+    "poly_power": 0.9,                     # POWER (both)
+    "iters": 250000,                       # NUM_STEPS / MAX_ITERS: the poly schedule's length (both)
+    "batch_size": 1,                       # BATCH_SIZE 1 (AdaptSegNet), BATCH_SIZE_SOURCE/TARGET 1 (ADVENT)
+    "backbone": "deeplabv2-r101-caffe",    # DeepLab-v2 ResNet-101, COCO init DeepLab_resnet_pretrained_init-f81d91e8
+    "target_size": "1024x512",             # INPUT_SIZE_TARGET 1024,512 (both)
+    "lovasz_weight": 0.0,                  # CE only (both)
+    "align_corners": True,                 # nn.Upsample(..., mode='bilinear', align_corners=True) (both)
+}
+
+
 class CDGA:
     """G (SGD), the grouping net Cnet (Adam) and the discriminator Dnet (Adam), stepped G+Cnet, then Dnet."""
 
     needs_target = True
 
     def __init__(self, model, args, env):
-        if args.groups < 2:
-            raise UserError(f"--groups {args.groups}: expected at least 2 (orthogonality compares groups)")
-        self.model, self.env, self.args = model, env, args
-        self.num_groups, self.num_classes = args.groups, model.num_classes
+        if args.cdga_groups < 2:
+            raise UserError(f"--cdga-groups {args.cdga_groups}: expected at least 2 (orthogonality compares groups)")
+        self.model, self.env = model, env
+        self.num_groups, self.num_classes = args.cdga_groups, model.num_classes
+        self.lovasz_weight, self.align_corners = args.lovasz_weight, args.align_corners
+        self.group_on_features = args.cdga_group_input == "features"
+        self.profile_from_labels = args.cdga_source_profile == "labels"
+        self.sc_distance, self.balanced = args.cdga_sc_distance, args.cdga_class_weighting == "balanced"
+        self.lambda_adv, self.lambda_sc = args.cdga_lambda_adv, args.cdga_lambda_sc
+        self.lambda_orth, self.lambda_balance = args.cdga_lambda_orth, args.cdga_lambda_balance
         device = next(model.parameters()).device
-        in_channels = model.feature_dim if args.group_input == "features" else model.num_classes
-        self.grouping = GroupingNet(in_channels, args.group_hidden, args.groups).to(device)
-        self.discriminator = GroupDiscriminator(args.groups, model.num_classes, args.d_width,
-                                                separate=args.d_mode == "separate").to(device)
+        in_channels = model.feature_dim if self.group_on_features else model.num_classes
+        self.grouping = GroupingNet(in_channels, args.cdga_group_hidden, args.cdga_groups).to(device)
+        self.discriminator = GroupDiscriminator(args.cdga_groups, model.num_classes, args.cdga_d_width,
+                                                separate=args.cdga_d_mode == "separate").to(device)
         broadcast_parameters(self.grouping)
         broadcast_parameters(self.discriminator)
         self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
-        self.group_optimizer = adam(self.grouping.parameters(), args.group_lr, tuple(args.d_betas))
-        self.d_optimizer = adam(self.discriminator.parameters(), args.d_lr, tuple(args.d_betas))
+        self.group_optimizer = adam(self.grouping.parameters(), args.cdga_group_lr, tuple(args.cdga_d_betas))
+        self.d_optimizer = adam(self.discriminator.parameters(), args.cdga_d_lr, tuple(args.cdga_d_betas))
         self.optimizers = [self.optimizer, self.group_optimizer, self.d_optimizer]  # LR from the schedule
 
     def train_step(self, source, target, it):
@@ -271,25 +297,27 @@ class CDGA:
         terms.update(self.discriminator_step(cache))
         return terms
 
+    def up(self, x, size):
+        return upsample(x, size, self.align_corners)
+
     def _assign(self, features, logits):
         """Group logits (B, K, h, w) from stopgrad features (or stopgrad class probabilities)."""
-        x = features if self.args.group_input == "features" else torch.softmax(logits.float(), dim=1)
+        x = features if self.group_on_features else torch.softmax(logits.float(), dim=1)
         with self.env.autocast():
             return self.grouping(x.detach())
 
     def _source_profile_input(self, logits_s, labels):
         """(probs (B, C, h, w), valid (B, h, w) or None) for the source profiles, at the logits' stride."""
-        if self.args.source_profile == "probs":
+        if not self.profile_from_labels:
             return torch.softmax(logits_s.float(), dim=1).detach(), None
-        small = F.interpolate(labels[:, None].float(), size=logits_s.shape[-2:], mode="nearest")
-        small = small[:, 0].long()                                    # (B, h, w)
+        small = downsample_labels(labels, logits_s.shape[-2:])        # (B, h, w)
         valid = small != IGNORE_INDEX
         onehot = F.one_hot(small.masked_fill(~valid, 0), self.num_classes)  # (B, h, w, C)
         return onehot.permute(0, 3, 1, 2).float(), valid              # (B, C, h, w)
 
     def generator_step(self, source, target):
         """Step G (source CE + lambda_adv L_adv, Dnet frozen) and Cnet (clustering losses)."""
-        args, env = self.args, self.env
+        env = self.env
         self.optimizer.zero_grad(set_to_none=True)
         self.group_optimizer.zero_grad(set_to_none=True)
         self.discriminator.requires_grad_(False)  # G's backward leaves Dnet's gradients alone
@@ -298,7 +326,7 @@ class CDGA:
         with env.autocast():
             features_s, logits_s = self.model(source["image"])
             features_t, logits_t = self.model(target["image"])
-        ce = cross_entropy(upsample_to(logits_s, size_s), labels)
+        ce, lovasz = supervised_loss(logits_s, labels, self.lovasz_weight, self.align_corners)
 
         # Grouping and its losses: only Cnet receives these gradients (inputs detached).
         group_logits_s = self._assign(features_s, logits_s)          # (B, K, h, w)
@@ -308,26 +336,26 @@ class CDGA:
         probs_s, valid_s = self._source_profile_input(logits_s, labels)
         q_s, mass_s = group_profiles(assign_s, probs_s, valid_s)     # (K, C), (K,)
         q_t, mass_t = group_profiles(assign_t, torch.softmax(logits_t.float(), dim=1).detach())
-        sc = semantic_consistency_loss(q_s, q_t, args.sc_distance)
+        sc = semantic_consistency_loss(q_s, q_t, self.sc_distance)
         orth = torch.stack([orthogonality_loss(q_s), orthogonality_loss(q_t)]).mean()  # mean over domains
         bal_s, usage_s = usage_balance_loss(mass_s)
         bal_t, usage_t = usage_balance_loss(mass_t)
         bal = torch.stack([bal_s, bal_t]).mean()
 
         # Group-wise adversarial loss on the target: G learns to make every group look like source.
-        assign_s_full = torch.softmax(upsample_to(group_logits_s.float(), size_s), dim=1).detach()  # (B, K, H, W)
-        assign_t_full = torch.softmax(upsample_to(group_logits_t.float(), size_t), dim=1).detach()
-        probs_s_full = torch.softmax(upsample_to(logits_s, size_s).float(), dim=1)                 # (B, C, H, W)
-        probs_t_full = torch.softmax(upsample_to(logits_t, size_t).float(), dim=1)
+        assign_s_full = torch.softmax(self.up(group_logits_s.float(), size_s), dim=1).detach()  # (B, K, H, W)
+        assign_t_full = torch.softmax(self.up(group_logits_t.float(), size_t), dim=1).detach()
+        probs_s_full = torch.softmax(self.up(logits_s, size_s).float(), dim=1)                 # (B, C, H, W)
+        probs_t_full = torch.softmax(self.up(logits_t, size_t).float(), dim=1)
         x_t = group_masked_predictions(assign_t_full, probs_t_full)   # (B, K*C, H, W)
-        balanced = args.class_weighting == "balanced"
-        weights_s = class_equivalence_weights(labels, self.num_classes, balanced)
-        weights_t = class_equivalence_weights(probs_t_full.detach().argmax(1), self.num_classes, balanced)
+        weights_s = class_equivalence_weights(labels, self.num_classes, self.balanced)
+        weights_t = class_equivalence_weights(probs_t_full.detach().argmax(1), self.num_classes, self.balanced)
         with env.autocast():
             d_t = self.discriminator(x_t)
-        adv = groupwise_adversarial_loss(upsample_to(d_t.float(), size_t), assign_t_full, weights_t, SOURCE_LABEL)
+        adv = groupwise_adversarial_loss(self.up(d_t.float(), size_t), assign_t_full, weights_t, SOURCE_LABEL)
 
-        loss = ce + args.lambda_adv * adv + args.lambda_sc * sc + args.lambda_orth * orth + args.lambda_balance * bal
+        loss = (ce + self.lovasz_weight * lovasz + self.lambda_adv * adv + self.lambda_sc * sc
+                + self.lambda_orth * orth + self.lambda_balance * bal)
         env.scaler.scale(loss).backward()
         optimizer_step(self.optimizer, env.scaler)
         optimizer_step(self.group_optimizer, env.scaler)
@@ -335,7 +363,9 @@ class CDGA:
 
         usage = (mass_s + mass_t) / (mass_s + mass_t).sum()
         entropy = -(usage * usage.clamp_min(EPS).log()).sum() / math.log(self.num_groups)
-        terms = {"ce": ce, "adv": adv, "sc": sc, "orth": orth, "balance": bal,
+        weighted = {"lovasz": (self.lovasz_weight, lovasz), "adv": (self.lambda_adv, adv), "sc": (self.lambda_sc, sc),
+                    "orth": (self.lambda_orth, orth), "balance": (self.lambda_balance, bal)}
+        terms = {"ce": ce, **{name: value for name, (weight, value) in weighted.items() if weight},
                  "group_max_share_s": usage_s.max(), "group_max_share_t": usage_t.max(), "group_entropy": entropy}
         cache = {"x_s": group_masked_predictions(assign_s_full, probs_s_full.detach()), "x_t": x_t.detach(),
                  "assign_s": assign_s_full, "assign_t": assign_t_full, "weights_s": weights_s, "weights_t": weights_t}
@@ -347,9 +377,9 @@ class CDGA:
         with self.env.autocast():
             d_s = self.discriminator(cache["x_s"])
             d_t = self.discriminator(cache["x_t"])
-        loss_s = groupwise_adversarial_loss(upsample_to(d_s.float(), cache["x_s"].shape[-2:]), cache["assign_s"],
+        loss_s = groupwise_adversarial_loss(self.up(d_s.float(), cache["x_s"].shape[-2:]), cache["assign_s"],
                                             cache["weights_s"], SOURCE_LABEL)
-        loss_t = groupwise_adversarial_loss(upsample_to(d_t.float(), cache["x_t"].shape[-2:]), cache["assign_t"],
+        loss_t = groupwise_adversarial_loss(self.up(d_t.float(), cache["x_t"].shape[-2:]), cache["assign_t"],
                                             cache["weights_t"], TARGET_LABEL)
         loss_d = torch.stack([loss_s, loss_t]).mean()  # AdaptSegNet halves each domain's term
         self.env.scaler.scale(loss_d).backward()
@@ -371,31 +401,33 @@ class CDGA:
 
 def add_arguments(parser):
     group = parser.add_argument_group("cdga (reconstruction; see uda/cdga.py)")
-    group.add_argument("--groups", type=int, default=4,
+    group.add_argument("--cdga-groups", type=int, default=4,
                        help="K, number of cross-domain groups (unknown in the paper; sweep 2, 4, 8)")
-    group.add_argument("--group-input", choices=["features", "probs"], default="features",
+    group.add_argument("--cdga-group-input", choices=["features", "probs"], default="features",
                        help="what the grouping net reads (detached): G's features or its class probabilities")
-    group.add_argument("--group-hidden", type=int, default=256, help="hidden channels of the grouping net")
-    group.add_argument("--group-lr", type=float, default=1e-4, help="Adam learning rate of the grouping net")
-    group.add_argument("--source-profile", choices=["labels", "probs"], default="labels",
+    group.add_argument("--cdga-group-hidden", type=int, default=256, help="hidden channels of the grouping net")
+    group.add_argument("--cdga-group-lr", type=float, default=1e-4, help="Adam learning rate of the grouping net")
+    group.add_argument("--cdga-source-profile", choices=["labels", "probs"], default="labels",
                        help="source group profiles from one-hot labels or from predicted probabilities")
-    group.add_argument("--sc-distance", choices=["l1", "skl"], default="l1",
+    group.add_argument("--cdga-sc-distance", choices=["l1", "skl"], default="l1",
                        help="distance of the semantic consistency loss: L1 or symmetric KL")
-    group.add_argument("--lambda-sc", type=float, default=1.0, help="weight of the semantic consistency loss")
-    group.add_argument("--lambda-orth", type=float, default=1.0, help="weight of the orthogonality loss")
-    group.add_argument("--lambda-balance", type=float, default=1.0,
+    group.add_argument("--cdga-lambda-sc", type=float, default=1.0, help="weight of the semantic consistency loss")
+    group.add_argument("--cdga-lambda-orth", type=float, default=1.0, help="weight of the orthogonality loss")
+    group.add_argument("--cdga-lambda-balance", type=float, default=1.0,
                        help="weight of the group-usage balance loss (ours, against collapse; 0 disables)")
-    group.add_argument("--lambda-adv", type=float, default=1e-3,
-                       help="weight of G's group-wise adversarial loss (AdaptSegNet/ADVENT scale)")
-    group.add_argument("--class-weighting", choices=["balanced", "uniform"], default="balanced",
+    group.add_argument("--cdga-lambda-adv", type=float, default=1e-3,
+                       help="weight of G's group-wise adversarial loss (AdaptSegNet/ADVENT's 1e-3 on the output)")
+    group.add_argument("--cdga-class-weighting", choices=["balanced", "uniform"], default="balanced",
                        help="class equivalence: every present class weighs the same in the alignment "
                             "(balanced) or every pixel does (uniform)")
-    group.add_argument("--d-mode", choices=["shared", "separate"], default="shared",
+    group.add_argument("--cdga-d-mode", choices=["shared", "separate"], default="shared",
                        help="one discriminator with K outputs, or K independent ones (grouped convs)")
-    group.add_argument("--d-width", type=int, default=64, help="width of the discriminator's first conv (ndf)")
-    group.add_argument("--d-lr", type=float, default=1e-4, help="Adam learning rate of the discriminator")
-    group.add_argument("--d-betas", type=float, nargs=2, default=[0.9, 0.99],
-                       help="Adam betas of the discriminator and the grouping net")
+    group.add_argument("--cdga-d-width", type=int, default=64,
+                       help="width of the discriminator's first conv (AdaptSegNet's ndf)")
+    group.add_argument("--cdga-d-lr", type=float, default=1e-4,
+                       help="Adam learning rate of the discriminator (AdaptSegNet/ADVENT LEARNING_RATE_D)")
+    group.add_argument("--cdga-d-betas", type=float, nargs=2, default=[0.9, 0.99],
+                       help="Adam betas of the discriminator (AdaptSegNet/ADVENT) and the grouping net")
 
 
 Method = CDGA

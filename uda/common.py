@@ -4,6 +4,7 @@ Everything here is small and method-agnostic: user-facing errors, the process gr
 nothing without torchrun), the learning-rate schedule, atomic checkpoints, RNG state capture and the
 confusion-matrix metrics. Methods import from here; nothing here imports a method.
 """
+import argparse
 import math
 import os
 import random
@@ -28,21 +29,98 @@ class UserError(Exception):
 def run_cli(main):
     """Run `main()`; turn a UserError into a one-line message on stderr and exit code 2.
 
-    A UserError raised inside a DataLoader worker reaches us re-raised with the worker's traceback in
-    its message ("Caught UserError in DataLoader worker process 0. Original Traceback ..."); its last
-    line is ours, so that line is what the user sees.
+    Under torchrun every rank runs this: a setup error (the same on every rank) is printed by rank 0
+    only; an error a rank meets alone in the loop (an unreadable file of its shard: `rank_local`) by
+    that rank; a rank that loses contact because another one failed exits quietly (rank 0 says so in
+    one line) instead of adding a gloo traceback. Running out of memory is one line too.
     """
     try:
         main()
     except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        if launch_rank() == 0 or getattr(err, "rank_local", False):
+            prefix = f"rank {launch_rank()}: " if launch_rank() else ""
+            print(f"error: {prefix}{one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        print(f"error: out of memory ({one_line(err) or type(err).__name__}): try a smaller --crop or "
+              f"--batch-size, --amp bf16, or --grad-checkpoint", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        if is_peer_failure(err):
+            if launch_rank() == 0:
+                print("error: lost contact with another process of this torchrun job (it failed or was killed; "
+                      "see its output)", file=sys.stderr)
+            sys.exit(2)
+        if "can't allocate memory" in str(err):
+            print(f"error: out of memory ({one_line(err)}): try a smaller --crop or --batch-size, or "
+                  f"--grad-checkpoint", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def launch_rank():
+    """This process's rank as torchrun announced it (valid before and after the process group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_peer_failure(err):
+    """A collective failed because another rank went away (gloo / NCCL wording)."""
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator",
+                                   "Socket Timeout", "Broken pipe"))
 
 
 def one_line(err):
     """The user-facing line of a UserError, also when a DataLoader worker wrapped it in a traceback."""
     lines = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
     return lines[-1].split("UserError: ", 1)[-1]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value, missing --out) are one `error: ...` line, exit 2,
+    instead of the usage block: the same promise every other bad input gets."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (counts, sizes, batch sizes, iterations)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def nonnegative_int(text):
+    """argparse type: an integer >= 0 (worker counts, intervals where 0 means off)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (learning rates, temperatures)."""
+    value = _number(text, float)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+    return value
+
+
+def nonnegative_float(text):
+    """argparse type: a finite number >= 0 (loss weights, where 0 turns a term off)."""
+    value = _number(text, float)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
+    return value
+
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {'an integer' if kind is int else 'a number'}") from None
 
 
 def parse_size(text, flag):
@@ -70,6 +148,13 @@ def world_size():
 
 def is_main_process():
     return rank() == 0
+
+
+def comm_device():
+    """Collectives on NCCL need CUDA tensors; gloo and single-process runs use the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(tensor):
@@ -280,10 +365,34 @@ def adam(params, lr, betas, weight_decay=0.0):
 # Checkpoints and RNG state
 # --------------------------------------------------------------------------------------------------
 def atomic_save(obj, path):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    Temporary files of earlier saves that were killed are removed first; a failed write (disk full,
+    permissions) removes its own temporary file and leaves the previous `path` untouched.
+    """
+    remove_stale_temporaries(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
+        raise UserError(f"checkpoint {path}: could not be written ({reason}); is the disk full? "
+                        f"Any earlier {os.path.basename(path)} is unchanged") from None
+
+
+def remove_stale_temporaries(path):
+    """Delete `<path>.tmp<pid>` files left by saves that were killed mid-write (never our own)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    own = f"{name}.tmp{os.getpid()}"
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        if entry.startswith(f"{name}.tmp") and entry[len(name) + 4:].isdigit() and entry != own:
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass  # another process's file that vanished meanwhile: nothing to clean
 
 
 def load_checkpoint(path):

@@ -24,22 +24,39 @@ Dataset names (for --source / --target) and their folders under --data-root DIR:
     crosscity-rome|rio|tokyo|taipei
                                  DIR/crosscity/<City>: Images/{Train,Test}/<id>.jpg (or .png),
                                  Labels/Test/<id>_eval.png (Cityscapes labelIds), List/{train,test}.txt
-Every label is mapped on the fly: raw id -> Cityscapes trainId -> class index of the model's label space
-(LabelSpace.trainids), 255 for everything else. So one table per dataset serves 19-, 16- and 13-class
-models alike; e.g. a 16-class (SYNTHIA) model's Cityscapes labels lose terrain, truck and train.
+    folder                       any dataset in mmsegmentation's layout (--source-root / --target-root DIR,
+                                 or DIR/folder): images/<split>/<path>.png|jpg|jpeg, labels/<split>/<path>.png
+                                 (single-channel class indices, 255 ignore; nested sub-folders allowed),
+                                 splits train and val, and classes.json = {"classes": [names], "palette":
+                                 [[r, g, b], ..], "label_map": {"raw id": class index}} (palette, label_map
+                                 optional). A target without labels/ is an unlabelled target.
+Every benchmark label is mapped on the fly: raw id -> Cityscapes trainId -> class index of the model's
+label space (LabelSpace.trainids), 255 for everything else. So one table per dataset serves 19-, 16- and
+13-class models alike; e.g. a 16-class (SYNTHIA) model's Cityscapes labels lose terrain, truck and train.
+A folder dataset carries its own classes (LabelSpace.class_names / .palette, trainids = 0..C-1): its
+labels are class indices already (or raw ids mapped by classes.json's label_map), and a folder target
+must list the source's classes in the same order (check_same_classes).
 `--pseudo-dir DIR` replaces the labels of the source's train split by DIR/<item_name>.png (class indices
 of the model's label space, written by evaluate.py --save-pseudo) and the label space by DIR/labelspace.json.
+Data lists (--source-list / --target-list FILE, build_dataset(list_file=...)): train on the listed subset,
+one path per line in data_lists/' format (relative to images/<split>/ for a folder dataset).
+
+Broken input never surfaces as a traceback from deep inside a DataLoader worker: a missing, empty,
+truncated or non-image file, an RGB label, a folder without images, a bad classes.json or data list is a
+one-line UserError naming the file and the reason (a worker re-raises it in the main process, whose last
+line is that one line). 16-bit grayscale images (Pillow modes I;16 / I) are scaled to 8 bits (/257)
+instead of being clipped to white by Pillow's RGB conversion.
 
 Training items (train.py): resize to the papers' size (--source-size / --target-size; GTA5 1280x720,
-SYNTHIA 1280x760, Cityscapes and Cross-City 1024x512; native for a pseudo-labelled source), optional
-random scale, random crop (--crop, padded with 0 / 255; cat-max-ratio re-draws, DAFormer's 0.75 via
---cat-max-ratio; RCS re-crops), horizontal flip; all random numbers from (seed, draw, index).
-Photometric augmentation (colour jitter, grayscale, blur) is the methods' business, on the batch.
-Samplers (--source-sampler class-balanced | rcs) live in uda/samplers.py.
+SYNTHIA 1280x760, Cityscapes and Cross-City 1024x512; native for a pseudo-labelled source and for a
+folder dataset), optional random scale, random crop (--crop, padded with 0 / 255; cat-max-ratio re-draws,
+DAFormer's 0.75 via --cat-max-ratio; RCS re-crops), horizontal flip; all random numbers from
+(seed, draw, index). Photometric augmentation (colour jitter, grayscale, blur) is the methods' business,
+on the batch. Samplers (--source-sampler class-balanced | rcs) live in uda/samplers.py.
 
 Command line (see the README, "Preparing the datasets"):
-    python -m uda.datasets check NAME ROOT [--split S] [--full] [--json FILE]
-    python -m uda.datasets lists NAME [ROOT] [--split S] [--out FILE]
+    python -m uda.datasets check NAME ROOT [--split S] [--full] [--json FILE [--overwrite]]
+    python -m uda.datasets lists NAME [ROOT] [--split S] [--out FILE] [--overwrite]
 """
 import argparse
 import json
@@ -49,7 +66,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from uda import png16, toy
@@ -71,10 +88,12 @@ CITYSCAPES_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 1
 # Cityscapes labelId -> trainId (GTA5, Cityscapes and Cross-City labels hold labelIds)
 LABELID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                       25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# SYNTHIA-RAND-CITYSCAPES raw class id (channel 0 of GT/LABELS) -> Cityscapes trainId; 0 void, 13 parking
-# slot, 14 road-work, 16 terrain(unused), 18 truck(unused), 20 train(unused), 22 lanemarking -> 255
-SYNTHIA_ID_TO_TRAINID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
-                         19: 15, 12: 17, 11: 18}
+# SYNTHIA-RAND-CITYSCAPES raw class id (channel 0 of GT/LABELS) -> Cityscapes trainId, as DAFormer's
+# tools/convert_datasets/synthia.py: 16 terrain, 18 truck and 20 train are mapped too (a 19-class model
+# learns them from SYNTHIA's few pixels); the 16-class space has no trainId 9, 14 or 16, so label_lut
+# leaves them ignored there. 0 void, 13 parking slot, 14 road-work, 22 lanemarking -> 255.
+SYNTHIA_ID_TO_TRAINID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
+                         8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
 # The 16 SYNTHIA classes as trainIds (index i of a 16-class model = TRAINIDS_16[i]; FADA/SDCA order)
 TRAINIDS_16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
 # The 13 classes of SYNTHIA's mIoU13 and of Cross-City, as Cityscapes trainIds
@@ -85,11 +104,16 @@ TRAINIDS_13 = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
 class LabelSpace:
     """The classes a model predicts and the class subsets its mIoU is reported over.
 
-    trainids[i] is the Cityscapes trainId of class index i (for names and colours).
+    trainids[i] is the Cityscapes trainId of class index i: benchmark labels (Cityscapes labelIds,
+    SYNTHIA ids) are mapped through it, and names and colours come from the Cityscapes table.
     eval_sets maps a report name ('mIoU19', 'mIoU13', ...) to class indices; the first is the headline.
+    class_names / class_palette: a folder dataset's own classes (classes.json), with trainids = 0..C-1
+    as plain class indices; None for the benchmark spaces (their names follow from the trainIds).
     """
     trainids: list
     eval_sets: dict = field(default_factory=dict)
+    class_names: list = None
+    class_palette: list = None
 
     @property
     def num_classes(self):
@@ -97,7 +121,53 @@ class LabelSpace:
 
     @property
     def names(self):
+        """Class names by class index."""
+        if self.class_names is not None:
+            return list(self.class_names)
         return [CITYSCAPES_NAMES[t] for t in self.trainids]
+
+    @property
+    def palette(self):
+        """(r, g, b) colour by class index: the Cityscapes colour of the trainId, or the space's own."""
+        if self.class_palette is not None:
+            return [tuple(c) for c in self.class_palette]
+        return [CITYSCAPES_PALETTE[t] for t in self.trainids]
+
+    @property
+    def has_trainids(self):
+        """True when trainids[i] really is class i's Cityscapes trainId, so Cityscapes-style labels (and
+        trainId-based choices such as DAFormer's thing classes) apply: every benchmark space, and a folder
+        space whose classes.json lists Cityscapes names in trainId order from road. False otherwise."""
+        if self.class_names is None:
+            return True
+        return all(t < len(CITYSCAPES_NAMES) and CITYSCAPES_NAMES[t] == n
+                   for t, n in zip(self.trainids, self.class_names))
+
+    def to_record(self):
+        """The JSON-able form read back by read_pseudo_space (DIR/labelspace.json)."""
+        record = {"trainids": list(self.trainids), "eval_sets": dict(self.eval_sets)}
+        if self.class_names is not None:
+            record["class_names"] = list(self.class_names)
+            record["palette"] = [list(c) for c in self.palette]
+        return record
+
+
+def generated_palette(num_classes):
+    """A deterministic, well-spread colour per class when classes.json has no palette.
+
+    The bits of (index + 1) are dealt round-robin to R, G and B from the most significant bit down (the
+    PASCAL VOC colour-map idea): neighbouring indices get very different colours, and +1 keeps class 0
+    from being black, the colour people expect for 'ignore'.
+    """
+    palette = []
+    for index in range(num_classes):
+        code, rgb = index + 1, [0, 0, 0]
+        for bit in range(7, -1, -1):  # bit 7 first: the low bits of the code decide the bright part
+            for channel in range(3):
+                rgb[channel] |= ((code >> channel) & 1) << bit
+            code >>= 3
+        palette.append(tuple(rgb))
+    return palette
 
 
 CITYSCAPES_19 = LabelSpace(list(range(19)), {"mIoU19": list(range(19))})
@@ -112,15 +182,18 @@ CROSSCITY_19 = LabelSpace(list(range(19)), {"mIoU13": list(TRAINIDS_13)})
 
 CROSSCITY_CITIES = {"crosscity-rome": "Rome", "crosscity-rio": "Rio", "crosscity-tokyo": "Tokyo",
                     "crosscity-taipei": "Taipei"}
-REAL_DATASETS = ["gta5", "synthia", "cityscapes", *CROSSCITY_CITIES]
-DATASET_NAMES = [*toy.DOMAINS, *REAL_DATASETS]
+REAL_DATASETS = ["gta5", "synthia", "cityscapes", *CROSSCITY_CITIES]  # the benchmarks
+FOLDER = "folder"  # a user's dataset in mmsegmentation's layout, with its own classes.json
+DATASET_NAMES = [*toy.DOMAINS, *REAL_DATASETS, FOLDER]
 
 
 def label_space(source, args=None):
     """The label space of a model trained on `source` (the target is evaluated in the same space).
 
     args may lack any attribute (old checkpoints, other scripts): pseudo_dir (-> DIR/labelspace.json),
-    synthia_classes (16 = FADA/SDCA index space, 19 = DAFormer/DIDA trainIds), target (Cross-City -> mIoU13).
+    synthia_classes (16 = FADA/SDCA index space, 19 = DAFormer/DIDA trainIds), target (Cross-City -> mIoU13),
+    and for a folder source: folder_classes (a classes.json record saved with a run, so that a checkpoint
+    is readable without its dataset), else source_root (or DATA_ROOT/folder) holding classes.json.
     """
     pseudo_dir = getattr(args, "pseudo_dir", None)
     if pseudo_dir:
@@ -134,11 +207,21 @@ def label_space(source, args=None):
         return SYNTHIA_16 if classes == 16 else SYNTHIA_19
     if source in REAL_DATASETS:
         return CROSSCITY_19 if getattr(args, "target", None) in CROSSCITY_CITIES else CITYSCAPES_19
+    if source == FOLDER:
+        saved = getattr(args, "folder_classes", None)
+        if saved:
+            return folder_space(parse_folder_classes(saved, "the checkpoint's folder_classes"))
+        root = getattr(args, "source_root", None) or dataset_root(FOLDER, getattr(args, "data_root", None))
+        return folder_space(read_folder_classes(root))
     raise UserError(f"--source {source!r}: unknown dataset (expected one of {', '.join(DATASET_NAMES)})")
 
 
 def read_pseudo_space(pseudo_dir):
-    """The label space a pseudo-label folder was written in (DIR/labelspace.json)."""
+    """The label space a pseudo-label folder was written in (DIR/labelspace.json, LabelSpace.to_record).
+
+    {"trainids", "eval_sets"} for a benchmark space; a folder space adds "class_names" (and "palette"),
+    and then its trainids are plain class indices, not Cityscapes trainIds.
+    """
     path = os.path.join(pseudo_dir, "labelspace.json")
     if not os.path.isfile(path):
         raise UserError(f"--pseudo-dir {pseudo_dir}: no labelspace.json in it (expected a folder written by "
@@ -148,12 +231,151 @@ def read_pseudo_space(pseudo_dir):
             record = json.load(f)
         trainids = [int(t) for t in record["trainids"]]
         eval_sets = {str(k): [int(c) for c in v] for k, v in record["eval_sets"].items()}
+        names = [str(n) for n in record["class_names"]] if record.get("class_names") is not None else None
+        palette = [tuple(int(v) for v in c) for c in record["palette"]] if record.get("palette") else None
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{path}: expected {{\"trainids\": [...], \"eval_sets\": {{name: [indices]}}}}") from None
-    if not trainids or not all(0 <= t < len(CITYSCAPES_NAMES) for t in trainids) or \
-            not all(0 <= c < len(trainids) for v in eval_sets.values() for c in v):
+        raise UserError(f"{path}: expected {{\"trainids\": [...], \"eval_sets\": {{name: [indices]}}}} (optional "
+                        f"\"class_names\", \"palette\")") from None
+    own = names is not None  # a folder space: trainids are class indices 0..C-1
+    if not trainids or not all(0 <= c < len(trainids) for v in eval_sets.values() for c in v) or \
+            (not own and not all(0 <= t < len(CITYSCAPES_NAMES) for t in trainids)):
         raise UserError(f"{path}: trainids must be Cityscapes trainIds 0..18 and eval_sets indices into them")
-    return LabelSpace(trainids, eval_sets or {f"mIoU{len(trainids)}": list(range(len(trainids)))})
+    if own and (len(names) != len(trainids) or (palette is not None and len(palette) != len(trainids))):
+        raise UserError(f"{path}: class_names (and palette) must have one entry per trainid ({len(trainids)})")
+    return LabelSpace(trainids, eval_sets or {f"mIoU{len(trainids)}": list(range(len(trainids)))},
+                      class_names=names, class_palette=palette if own else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Folder datasets: classes.json and the check that a target has the source's classes
+# --------------------------------------------------------------------------------------------------
+FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # matched case-insensitively when no img_suffix is set
+FOLDER_LABEL_SUFFIX = ".png"
+FOLDER_SPLITS = ("train", "val")
+MAX_FOLDER_CLASSES = 255  # labels are uint8 with 255 = ignore, so class indices are 0..254
+CLASSES_FORMAT = ('{"classes": [names...], "palette": [[r, g, b], ...], "label_map": {"raw id": class index}}, '
+                  'palette and label_map optional')
+CLASSES_KEYS = ("classes", "palette", "label_map", "img_suffix", "label_suffix")
+
+
+def classes_path(root):
+    return os.path.join(root, "classes.json")
+
+
+def read_folder_classes(root):
+    """ROOT/classes.json as a checked record (see parse_folder_classes); missing or invalid: one line."""
+    path = classes_path(root)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found (a folder dataset needs classes.json = {CLASSES_FORMAT})")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({str(err).splitlines()[0]}); expected {CLASSES_FORMAT}") from None
+    return parse_folder_classes(data, path)
+
+
+def parse_folder_classes(data, where):
+    """Check a classes.json object and normalise it.
+
+    Returns {"classes": [str] (C), "palette": [(r, g, b)] (C) or None, "label_map": {raw id: index} or
+    None, "img_suffix": str or None, "label_suffix": str or None}. `where` names the file in errors.
+    Unknown keys are refused: a misspelt "label-map" must not be silently ignored.
+    """
+    if not isinstance(data, dict) or "classes" not in data:
+        raise UserError(f"{where}: expected an object with a \"classes\" list: {CLASSES_FORMAT}")
+    unknown = [k for k in data if k not in CLASSES_KEYS]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(CLASSES_KEYS)})")
+    names = data["classes"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"{where}: \"classes\" must be a non-empty list of class names (strings)")
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"{where}: class name {duplicate!r} is listed twice")
+    if len(names) > MAX_FOLDER_CLASSES:
+        raise UserError(f"{where}: {len(names)} classes; at most {MAX_FOLDER_CLASSES} (255 is the ignore label)")
+    return {"classes": list(names), "palette": _parse_palette(data.get("palette"), len(names), where),
+            "label_map": _parse_label_map(data.get("label_map"), len(names), where),
+            "img_suffix": _parse_suffix(data.get("img_suffix"), "img_suffix", where),
+            "label_suffix": _parse_suffix(data.get("label_suffix"), "label_suffix", where)}
+
+
+def _parse_palette(palette, num_classes, where):
+    if palette is None:
+        return None
+    ok = isinstance(palette, list) and len(palette) == num_classes and all(
+        isinstance(c, (list, tuple)) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+        for c in palette)
+    if not ok:
+        raise UserError(f"{where}: \"palette\" must list one [r, g, b] (0..255) per class ({num_classes})")
+    return [tuple(c) for c in palette]
+
+
+def _parse_label_map(label_map, num_classes, where):
+    """{"raw id": class index or 255} -> {int: int}; raw ids 0..65535 (8- or 16-bit label PNGs)."""
+    if label_map is None:
+        return None
+    if not isinstance(label_map, dict) or not label_map:
+        raise UserError(f"{where}: \"label_map\" must be a non-empty object {{\"raw id\": class index}}")
+    parsed = {}
+    for raw, index in label_map.items():
+        if not str(raw).strip().isdigit() or int(raw) > 65535:
+            raise UserError(f"{where}: label_map key {raw!r} is not a raw label id 0..65535")
+        if isinstance(index, bool) or not isinstance(index, int) or not (0 <= index < num_classes or
+                                                                          index == IGNORE_INDEX):
+            raise UserError(f"{where}: label_map[{raw!r}] = {index!r} is not a class index 0..{num_classes - 1} "
+                            f"or 255")
+        parsed[int(raw)] = index
+    return parsed
+
+
+def _parse_suffix(suffix, key, where):
+    if suffix is not None and (not isinstance(suffix, str) or not suffix):
+        raise UserError(f"{where}: \"{key}\" must be a non-empty string such as \".png\"")
+    return suffix
+
+
+def folder_space(record):
+    """The LabelSpace of a classes.json record: class indices 0..C-1, reported as mIoU<C> over all."""
+    count = len(record["classes"])
+    return LabelSpace(list(range(count)), {f"mIoU{count}": list(range(count))}, class_names=list(record["classes"]),
+                      class_palette=record["palette"] or generated_palette(count))
+
+
+def compare_classes(names, space, where):
+    """Refuse `names` (a folder's classes, from `where`) unless they are the model's, in the same order."""
+    if list(names) == space.names:
+        return
+    diff = next((i for i, (a, b) in enumerate(zip(names, space.names)) if a != b), min(len(names), len(space.names)))
+    here = repr(names[diff]) if diff < len(names) else "missing"
+    model = repr(space.names[diff]) if diff < len(space.names) else "none"
+    raise UserError(f"{where}: its classes differ from the model's: class {diff} is {here} here, {model} in the "
+                    f"model ({len(names)} vs {space.num_classes} classes; list the source's classes in its order)")
+
+
+def check_same_classes(source_space, target_name, target_root):
+    """Refuse a target whose labels are not in the model's classes (call before training; one line).
+
+    folder target: its classes.json must list source_space's class names in the same order (a target
+    without labels and without classes.json is accepted: nothing to compare). Benchmark or toy target:
+    its labels are Cityscapes classes, so the model's space must be a trainId space (has_trainids).
+    """
+    if target_name == FOLDER:
+        if not os.path.isfile(classes_path(target_root)) and \
+                not any(has_labels(FOLDER, split, target_root) for split in FOLDER_SPLITS):
+            return
+        compare_classes(read_folder_classes(target_root)["classes"], source_space, classes_path(target_root))
+        return
+    # the toy's labels are trainIds 0..18 as generated (not mapped through the space), so a folder space
+    # must then be all 19 Cityscapes classes; benchmark labels are mapped, any trainId space will do
+    toy_mismatch = target_name in toy.DOMAINS and source_space.class_names is not None and \
+        source_space.num_classes != len(CITYSCAPES_NAMES)
+    if not source_space.has_trainids or toy_mismatch:
+        raise UserError(f"--target {target_name}: its labels are Cityscapes classes, but the model predicts a "
+                        f"classes.json's {source_space.num_classes} classes ({', '.join(source_space.names[:4])}"
+                        f"{', ...' if source_space.num_classes > 4 else ''}); use a folder target with the same "
+                        f"classes.json")
 
 
 def label_lut(id_to_trainid, space, size=256, keep=None):
@@ -278,21 +500,100 @@ def split_key(key):
     return int(key), 0, None
 
 
-def read_label_png(path, lut=None, num_classes=None):
-    """An 8-bit label PNG (labelIds or class indices) as uint8 (H, W), mapped through `lut` when given.
+# --------------------------------------------------------------------------------------------------
+# Reading image and label files: every failure is one line naming the file and the reason
+# --------------------------------------------------------------------------------------------------
+LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")  # single-channel: ids (P: palette indices)
+GRAY16_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit (or 32-bit int) grayscale
 
-    Without a lut (pseudo-labels: class indices of the model), values must be < num_classes or 255.
+
+def unreadable_reason(path, err):
+    """A short, one-line reason why Pillow could not open or decode `path`."""
+    if isinstance(err, FileNotFoundError):
+        return "no such file"
+    if isinstance(err, IsADirectoryError):
+        return "a folder, not a file"
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(err, UnidentifiedImageError):  # Pillow's "cannot identify image file": no known format
+        return "not an image Pillow can decode (unrecognised file content)"
+    text = " ".join(str(err).split())  # Pillow's messages, on one line ("image file is truncated ...")
+    return text or type(err).__name__
+
+
+def decode_file(path, what, to_array):
+    """Open `path` with Pillow, decode it fully (.load(): a truncated file fails here, not later inside a
+    transform), and return to_array(image). what: 'image' or 'label', for the message.
+
+    Every Pillow failure becomes a one-line UserError; raised inside a DataLoader worker, the main process
+    re-raises it with the worker's traceback above, and the last line stays `UserError: <that line>`.
     """
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise UserError(f"{path}: expected a single-channel label image (ids), got mode {im.mode}")
-        raw = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_array(im)
+    except (UserError, MemoryError):  # ours already say what is wrong; running out of memory is no bad file
+        raise
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... for broken files
+        raise UserError(f"{what} {path}: unreadable ({unreadable_reason(path, err)})") from None
+
+
+def image_to_rgb(im, path):
+    """A decoded Pillow image -> uint8 (H, W, 3) RGB.
+
+    16-bit grayscale (modes I;16*, I) is scaled to 8 bits (value / 257, so 65535 -> 255): Pillow's own
+    convert("RGB") clips it, which turns a typical 16-bit image into 99% white.
+    """
+    if im.mode in GRAY16_MODES:
+        gray = np.asarray(im).astype(np.float64)  # (H, W), 0..65535
+        gray = np.clip(np.rint(gray / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
+    if im.mode == "F":
+        raise UserError(f"image {path}: floating-point image (mode F); expected an 8-bit RGB or grayscale image")
+    return np.asarray(im.convert("RGB"))
+
+
+def label_ids(im, path):
+    """A decoded single-channel Pillow label -> (H, W) uint8 / uint16 ids; a colour label is refused."""
+    if im.mode not in LABEL_MODES:
+        raise UserError(f"label {path}: expected a single-channel PNG of class ids, got mode {im.mode} (a colour "
+                        f"label must be converted to ids first)")
+    return np.asarray(im)
+
+
+def read_image(path):
+    """An image file as uint8 (H, W, 3) RGB (see image_to_rgb); a broken file is a one-line UserError."""
+    return decode_file(path, "image", lambda im: image_to_rgb(im, path))
+
+
+def probe_image(path, what="image"):
+    """(mode, (width, height)) from the file header only (cheap: no pixel is decoded)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise UserError(f"{what} {path}: unreadable ({unreadable_reason(path, err)})") from None
+
+
+def read_label_png(path, lut=None, num_classes=None, hint=" (pseudo-labels hold the model's class indices)"):
+    """An 8- or 16-bit single-channel label PNG as uint8 (H, W), mapped through `lut` when given.
+
+    Without a lut (pseudo-labels, folder labels without label_map: class indices already), values must
+    be < num_classes or 255; `hint` ends that error message.
+    """
+    raw = decode_file(path, "label", lambda im: label_ids(im, path))  # (H, W)
     if lut is not None:
         return lut[np.clip(raw, 0, len(lut) - 1)] if raw.dtype != np.uint8 else lut[raw]
     if num_classes is not None:
-        bad = (raw >= num_classes) & (raw != IGNORE_INDEX)
+        bad = ((raw >= num_classes) & (raw != IGNORE_INDEX)) | (raw < 0)  # (H, W); < 0: 32-bit mode I
         if bad.any():
-            raise UserError(f"{path}: pseudo-label value {int(raw[bad][0])} outside 0..{num_classes - 1} and 255")
+            raise UserError(f"label {path}: value {int(raw[bad][0])} is not a class index 0..{num_classes - 1} "
+                            f"or 255{hint}")
     return raw.astype(np.uint8)
 
 
@@ -300,11 +601,6 @@ def read_synthia_label(path, lut):
     """SYNTHIA GT/LABELS: channel 0 of a 16-bit (or 8-bit) PNG holds the class id (uda/png16.py)."""
     raw = png16.read_png(path)[..., 0]  # (H, W) uint16 or uint8
     return lut[raw]
-
-
-def read_image(path):
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,10 +680,16 @@ class FileDataset(Dataset):
     """
 
     def __init__(self, name, split, items, read_label=None, augment=False, seed=0, size=None, scale_range=None,
-                 crop=None, cat_max_ratio=1.0, recrop_pixels=0):
+                 crop=None, cat_max_ratio=1.0, recrop_pixels=0, root=None, list_file=None, lines=None,
+                 label_key=None):
         self.name, self.split, self.items, self.read_label = name, split, items, read_label
         self.augment, self.seed, self.size, self.scale_range = augment, seed, size, scale_range
         self.crop, self.cat_max_ratio, self.recrop_pixels = crop, cat_max_ratio, recrop_pixels
+        # where the items came from, for check_files_exist's message: the dataset folder, and the data
+        # list with the line number of every item (None when the split was listed from the folder)
+        self.root, self.list_file, self.lines = root, list_file, lines
+        # what else the label values depend on (a folder's classes.json), for the class-statistics cache key
+        self.label_key = label_key
 
     def __len__(self):
         return len(self.items)
@@ -397,6 +699,9 @@ class FileDataset(Dataset):
 
     def label_array(self, index):
         """The label as uint8 (H, W) class indices at the label file's resolution (class statistics)."""
+        if self.read_label is None or self.items[index][1] is None:
+            raise UserError(f"{self.name} {self.split}: built without labels (labeled=False); its labels cannot "
+                            f"be read")
         return self.read_label(self.items[index][1])
 
     def load(self, index):
@@ -430,17 +735,22 @@ LAYOUTS = {
     "cityscapes": "leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png and "
                   "gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
     "crosscity": "Images/Train/<id>.jpg, Images/Test/<id>.jpg, Labels/Test/<id>_eval.png, List/{train,test}.txt",
+    FOLDER: "images/<split>/<path>.png|jpg|jpeg, labels/<split>/<path>.png (class indices) and classes.json",
 }
 FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes",
-           **{name: os.path.join("crosscity", city) for name, city in CROSSCITY_CITIES.items()}}
+           **{name: os.path.join("crosscity", city) for name, city in CROSSCITY_CITIES.items()}, FOLDER: FOLDER}
 SPLITS = {"gta5": ("train",), "synthia": ("train",), "cityscapes": ("train", "val", "test"),
-          **{name: ("train", "val", "test") for name in CROSSCITY_CITIES}}
+          **{name: ("train", "val", "test") for name in CROSSCITY_CITIES}, FOLDER: FOLDER_SPLITS}
 # What a complete copy holds (conventions.md); Cross-City: 100 labelled test images per city, train
 # counts unverified, so not checked
 EXPECTED = {("gta5", "train"): 24966, ("synthia", "train"): 9400, ("cityscapes", "train"): 2975,
             ("cityscapes", "val"): 500, ("cityscapes", "test"): 1525,
             **{(name, split): 100 for name in CROSSCITY_CITIES for split in ("val", "test")}}
 CROSSCITY_SPLIT_FOLDER = {"train": "Train", "val": "Test", "test": "Test"}
+# One line of each dataset's data list (conventions.md, "Data lists"), for error messages
+LIST_EXAMPLES = {"gta5": "00001.png", "synthia": "0000000.png",
+                 "cityscapes": "aachen/aachen_000000_000019_leftImg8bit.png (relative to leftImg8bit/<split>/)",
+                 "crosscity": "<id>.jpg", FOLDER: "<sub/folders/>name.png (relative to images/<split>/)"}
 
 
 def layout(name):
@@ -462,8 +772,9 @@ def dataset_root(name, data_root, override=None):
     if override:
         return override
     if not data_root:
-        raise UserError(f"dataset {name}: no folder given; pass --data-root DIR with DIR/{FOLDERS[name]} holding "
-                        f"{layout(name)}")
+        where = "--source-root / --target-root DIR, or " if name == FOLDER else ""
+        raise UserError(f"dataset {name}: no folder given; pass {where}--data-root DIR with DIR/{FOLDERS[name]} "
+                        f"holding {layout(name)}")
     return os.path.join(data_root, FOLDERS[name])
 
 
@@ -478,6 +789,19 @@ def checkpoint_root(name, data_root, saved=None):
     return dataset_root(name, getattr(saved, "data_root", None))
 
 
+def has_labels(name, split, root=None):
+    """Whether split `split` of dataset `name` has labels to evaluate on (train.py skips its periodic
+    evaluation without them). A folder dataset has them when ROOT/labels/<split>/ exists; the
+    benchmarks by definition (Cityscapes test and Cross-City train are unlabelled)."""
+    if name == FOLDER:
+        return root is not None and os.path.isdir(os.path.join(root, "labels", split))
+    if name == "cityscapes":
+        return split != "test"
+    if name in CROSSCITY_CITIES:
+        return split != "train"
+    return name in toy.DOMAINS or name in FOLDERS
+
+
 def require_dir(path, name, what):
     if not os.path.isdir(path):
         raise UserError(f"{name}: folder {path} not found (expected {what}: {layout(name)}); set --data-root "
@@ -489,10 +813,36 @@ def read_list(path):
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
+def read_list_file(path):
+    """A user's data list: [(line number, relative path)], blank lines and '#' comments skipped.
+
+    A missing, unreadable or empty list, or an absolute path in it, is a one-line error naming the list.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"list {path}: no such file (expected one relative path per line)")
+    entries = []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    entries.append((number, text))
+    except UnicodeDecodeError:
+        raise UserError(f"list {path}: not a text file (expected one relative path per line)") from None
+    if not entries:
+        raise UserError(f"list {path}: lists no files (expected one relative path per line)")
+    for number, text in entries:
+        if os.path.isabs(text):
+            raise UserError(f"list {path} line {number}: {text} is an absolute path (expected a path relative to "
+                            f"the split's image folder)")
+    return entries
+
+
 def repo_list(name, split):
-    """data_lists/<name>/<split>.txt if it exists (the naming-rule lists of GTA5 and SYNTHIA), else None."""
+    """data_lists/<name>/<split>.txt if it exists (the naming-rule lists of GTA5 and SYNTHIA), else None.
+    Never for a folder dataset: "folder" names every user's dataset, so no shipped list can be its."""
     path = os.path.join(LISTS_DIR, name, f"{split}.txt")
-    return read_list(path) if os.path.isfile(path) else None
+    return read_list(path) if name != FOLDER and os.path.isfile(path) else None
 
 
 def synthia_dir(root):
@@ -516,8 +866,8 @@ def rule_list(name):
     return [f"{i:07d}.png" for i in range(EXPECTED[("synthia", "train")])]
 
 
-def folder_list(name, split, root):
-    """The list of a split as found in the dataset folder (`lists` command; Cityscapes / Cross-City)."""
+def folder_list(name, split, root, img_suffix=None):
+    """The list of a split as found in the dataset folder (`lists` command; Cityscapes / Cross-City / folder)."""
     if name == "gta5":
         require_dir(os.path.join(root, "images"), name, "images/")
         return sorted(f for f in os.listdir(os.path.join(root, "images")) if f.endswith(".png"))
@@ -529,29 +879,93 @@ def folder_list(name, split, root):
         folder = os.path.join(root, "leftImg8bit", split)
         require_dir(folder, name, f"leftImg8bit/{split}")
         return scan(folder, "_leftImg8bit.png")
+    if name == FOLDER:
+        folder = os.path.join(root, "images", split)
+        require_dir(folder, name, f"images/{split}/")
+        return scan_images(folder, img_suffix)
     folder = os.path.join(root, "Images", CROSSCITY_SPLIT_FOLDER[split])
     require_dir(folder, name, f"Images/{CROSSCITY_SPLIT_FOLDER[split]}")
     return sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".png")))
 
 
-def dataset_items(name, split, root, labeled):
-    """[(image path, label path or None, item name)] of a real dataset split, before any existence check."""
+def scan_images(folder, img_suffix=None):
+    """Image paths relative to `folder`, nested sub-folders included (symlinked ones too), sorted.
+
+    img_suffix None: any of .png/.jpg/.jpeg, any case. Hidden files (macOS '._x.png' resource forks,
+    '.DS_Store') are skipped: they carry an image suffix but no image.
+    """
+    found = []
+    for dirpath, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(dirpath, f), folder) for f in files
+                  if not f.startswith(".") and image_stem(f, img_suffix) is not None]
+    return sorted(found)
+
+
+def image_stem(path, img_suffix=None):
+    """path without its image suffix, or None when it has none (img_suffix None: .png/.jpg/.jpeg)."""
+    if img_suffix is not None:
+        return path[:-len(img_suffix)] if path.endswith(img_suffix) else None
+    stem, ext = os.path.splitext(path)
+    return stem if ext.lower() in FOLDER_IMAGE_SUFFIXES else None
+
+
+def folder_items(split, root, labeled, names=None, img_suffix=None, label_suffix=FOLDER_LABEL_SUFFIX):
+    """[(image, label or None, item name)] of a folder dataset: images/<split>/<stem><img suffix> pairs
+    with labels/<split>/<stem><label_suffix>; item name = <stem> (relative, sub-folders included).
+
+    names: relative image paths (a data list), else every image under images/<split>/. Two images with
+    one stem (a.png and a.jpg) are refused: they would share one label, one pseudo-label, one name.
+    """
+    images_dir, labels_dir = os.path.join(root, "images", split), os.path.join(root, "labels", split)
+    require_dir(images_dir, FOLDER, f"images/{split}/")
+    if labeled and not os.path.isdir(labels_dir):
+        raise UserError(f"folder {root}: no labels/{split}/ folder (expected labels/{split}/<path>{label_suffix} "
+                        f"beside images/{split}/; a folder without labels can only be an unlabelled target)")
+    if names is None:
+        names = scan_images(images_dir, img_suffix)
+        if not names:
+            kinds = img_suffix or "/".join(FOLDER_IMAGE_SUFFIXES)
+            raise UserError(f"folder {images_dir}: holds no images (expected <path>{kinds} files, sub-folders "
+                            f"allowed)")
+    items, first = [], {}
+    for rel in names:
+        stem = image_stem(rel, img_suffix)
+        if stem is None:
+            raise UserError(f"folder {root}: {rel} does not end in an image suffix "
+                            f"({img_suffix or ', '.join(FOLDER_IMAGE_SUFFIXES)})")
+        if first.setdefault(stem, rel) != rel:
+            raise UserError(f"folder {images_dir}: {first[stem]} and {rel} share the name {stem} (one label each "
+                            f"is expected; remove or rename one)")
+        label = os.path.join(labels_dir, stem + label_suffix) if labeled else None
+        items.append((os.path.join(images_dir, rel), label, stem))
+    return items
+
+
+def dataset_items(name, split, root, labeled, names=None, img_suffix=None, label_suffix=FOLDER_LABEL_SUFFIX):
+    """[(image path, label path or None, item name)] of a real dataset split, before any existence check.
+
+    names: the split's relative paths from a data list (data_lists/ format); None = the shipped list,
+    the naming rule or the folder. img_suffix / label_suffix: folder datasets only.
+    """
     if split not in SPLITS[name]:
         raise UserError(f"--split {split!r}: {name} has splits {', '.join(SPLITS[name])}")
     require_dir(root, name, "the dataset folder")
+    if name == FOLDER:
+        return folder_items(split, root, labeled, names, img_suffix, label_suffix)
     if name == "gta5":
-        names = repo_list(name, split) or rule_list(name)
+        names = names or repo_list(name, split) or rule_list(name)
         return [(os.path.join(root, "images", n), os.path.join(root, "labels", n) if labeled else None,
                  os.path.splitext(n)[0]) for n in names]
     if name == "synthia":
         base = synthia_dir(root)
-        names = repo_list(name, split) or rule_list(name)
+        names = names or repo_list(name, split) or rule_list(name)
         return [(os.path.join(base, "RGB", n), os.path.join(base, "GT", "LABELS", n) if labeled else None,
                  os.path.splitext(n)[0]) for n in names]
     if name == "cityscapes":
         if labeled and split == "test":
             raise UserError("cityscapes test: its labels are withheld (use --split val)")
-        names = repo_list(name, split) or folder_list(name, split, root)
+        names = names or repo_list(name, split) or folder_list(name, split, root)
         gt = os.path.join(root, "gtFine", split)
         return [(os.path.join(root, "leftImg8bit", split, n),
                  os.path.join(gt, n.replace("_leftImg8bit.png", "_gtFine_labelIds.png")) if labeled else None,
@@ -561,8 +975,8 @@ def dataset_items(name, split, root, labeled):
         raise UserError(f"{name} train: the Cross-City train images are unlabeled (use --split val)")
     sub = CROSSCITY_SPLIT_FOLDER[split]
     city_list = os.path.join(root, "List", "train.txt" if split == "train" else "test.txt")
-    names = repo_list(name, split) or (read_list(city_list) if os.path.isfile(city_list) else
-                                       folder_list(name, split, root))
+    names = names or repo_list(name, split) or (read_list(city_list) if os.path.isfile(city_list) else
+                                                folder_list(name, split, root))
     items = []
     for line in names:
         stem = os.path.splitext(os.path.basename(line))[0]
@@ -590,6 +1004,58 @@ def missing_files(items):
     return missing
 
 
+def check_files_exist(dataset):
+    """Refuse a dataset any of whose listed image / label files is missing: one line naming the first
+    missing file (with its data-list line when the dataset came from a list) and how many are missing.
+
+    Cheap (one directory listing per folder), so train.py can call it on the validation set at start
+    instead of failing at the first evaluation; build_dataset already calls it on every dataset it builds.
+    The toy has no files: nothing to check.
+    """
+    items = getattr(dataset, "items", None)
+    if not items:
+        return
+    missing = missing_files(items)
+    if not missing:
+        return
+    name, split, root = dataset.name, dataset.split, dataset.root
+    if dataset.list_file is not None:
+        absent = set(missing)
+        first = next(i for i, item in enumerate(items) if item[0] in absent or item[1] in absent)
+        raise UserError(f"list {dataset.list_file} line {dataset.lines[first]}: {missing[0]} not found "
+                        f"({len(missing)} missing files among its {len(items)} entries)")
+    raise UserError(f"{name} {split}: {len(missing)} of {len(items)} listed images/labels are missing under "
+                    f"{root}, e.g. {', '.join(missing[:3])} (see `python -m uda.datasets check {name} {root}`; "
+                    f"`python -m uda.datasets lists {name} {root}` lists what is there)")
+
+
+def check_batchable(dataset, batch_size):
+    """Refuse training items of different sizes in batches of batch_size > 1 without a crop: one line,
+    before the DataLoader's collate fails with a bare 'stack expects each tensor to be equal size'.
+
+    A random scale without a crop gives every item its own size; a folder dataset at its native size
+    (no resize) must hold images of one size, read from the file headers (no pixel is decoded).
+    """
+    if dataset.scale_range is not None:
+        raise UserError(f"--random-scale without --crop: every {dataset.name} image gets its own size, and batches "
+                        f"of {batch_size} need one; pass --crop WxH (or --batch-size 1)")
+    if dataset.size is None and dataset.name == FOLDER:
+        check_same_size(dataset, batch_size)
+
+
+def check_same_size(dataset, batch_size):
+    """The images of `dataset` share one size (see check_batchable)."""
+    sizes = {}
+    for image_path, _, _ in dataset.items:
+        size = probe_image(image_path)[1]
+        sizes.setdefault(size, image_path)
+        if len(sizes) > 1:
+            (a, path_a), (b, path_b) = sizes.items()
+            raise UserError(f"{dataset.name} {dataset.split}: images differ in size ({path_a} {a[0]}x{a[1]}, {path_b} "
+                            f"{b[0]}x{b[1]}) and batches of {batch_size} need one size: pass --crop WxH or "
+                            f"--source-size / --target-size WxH")
+
+
 def check_pseudo_labels(pseudo_dir, names):
     if not os.path.isdir(pseudo_dir):
         raise UserError(f"--pseudo-dir {pseudo_dir}: no such folder")
@@ -601,7 +1067,11 @@ def check_pseudo_labels(pseudo_dir, names):
 
 class LabelReader:
     """path -> uint8 (H, W) class indices of the model's label space (a class, not a lambda: picklable
-    for DataLoader workers started with spawn)."""
+    for DataLoader workers started with spawn).
+
+    kind: 'synthia' (16-bit PNG, lut), 'ids' (labelIds, lut), 'pseudo' (class indices, checked),
+    'folder' (class indices checked against num_classes, or raw ids through classes.json's label_map lut).
+    """
 
     def __init__(self, kind, lut=None, num_classes=None):
         self.kind, self.lut, self.num_classes = kind, lut, num_classes
@@ -609,19 +1079,61 @@ class LabelReader:
     def __call__(self, path):
         if self.kind == "synthia":
             return read_synthia_label(path, self.lut)
+        if self.kind == "folder":
+            return read_label_png(path, self.lut, self.num_classes,
+                                  hint=" (classes.json lists the classes; a \"label_map\" maps other raw ids)")
         return read_label_png(path, self.lut, self.num_classes)
 
 
-def label_reader(name, space):
-    """The LabelReader of a real dataset's label files, mapping them into `space`."""
+def folder_label_lut(label_map):
+    """uint8 lookup table raw id (0..65535) -> class index from classes.json's label_map; unlisted ids -> 255."""
+    lut = np.full(2 ** 16, IGNORE_INDEX, dtype=np.uint8)
+    for raw, index in label_map.items():
+        lut[raw] = index
+    return lut
+
+
+def label_reader(name, space, classes=None):
+    """The LabelReader of a real dataset's label files, mapping them into `space` (classes: a folder's
+    classes.json record)."""
+    if name == FOLDER:
+        if classes["label_map"] is not None:
+            return LabelReader("folder", lut=folder_label_lut(classes["label_map"]))
+        return LabelReader("folder", num_classes=len(classes["classes"]))
+    if space is None or not space.has_trainids:
+        own = f" ({', '.join(space.names[:4])}, ...)" if space is not None else ""
+        raise UserError(f"{name}: its labels are Cityscapes classes, but the model predicts a classes.json's "
+                        f"classes{own}; evaluate it on a folder dataset with the same classes.json")
     if name == "synthia":
         return LabelReader("synthia", label_lut(SYNTHIA_ID_TO_TRAINID, space, size=2 ** 16))
     keep = TRAINIDS_13 if name in CROSSCITY_CITIES else None  # Cross-City annotates 13 classes only
     return LabelReader("ids", label_lut(LABELID_TO_TRAINID, space, keep=keep))
 
 
+def folder_options(root, img_suffix, label_suffix, labeled, space):
+    """A folder dataset's classes.json record (None when an unlabelled folder has none), its image and
+    label suffixes (keyword > classes.json > default), and the check that its classes are the model's."""
+    classes = None
+    if labeled or os.path.isfile(classes_path(root)):
+        classes = read_folder_classes(root)
+        if space is not None:
+            compare_classes(classes["classes"], space, classes_path(root))
+    img_suffix = img_suffix or (classes or {}).get("img_suffix")
+    label_suffix = label_suffix or (classes or {}).get("label_suffix") or FOLDER_LABEL_SUFFIX
+    return classes, img_suffix, label_suffix
+
+
+def list_entries(list_file, name):
+    """(names, line numbers) of a data list for dataset `name`, paths normalised ('a//b' -> 'a/b')."""
+    if name in toy.DOMAINS:
+        raise UserError(f"list {list_file}: the toy datasets are generated, a data list cannot select from them")
+    entries = read_list_file(list_file)
+    return [os.path.normpath(text) for _, text in entries], [number for number, _ in entries]
+
+
 def build_dataset(name, split, space, root=None, labeled=True, crop=None, augment=False, seed=0, size="default",
-                  scale_range=None, cat_max_ratio=1.0, pseudo_dir=None, recrop_pixels=0):
+                  scale_range=None, cat_max_ratio=1.0, pseudo_dir=None, recrop_pixels=0, list_file=None,
+                  img_suffix=None, label_suffix=None, batch_size=1):
     """Construct dataset `name` for `split` in label space `space`.
 
     root: the dataset's folder (None for the built-in toy). crop: (width, height) of training crops.
@@ -631,10 +1143,18 @@ def build_dataset(name, split, space, root=None, labeled=True, crop=None, augmen
     scale_range: random scale (lo, hi) on top of `size`. cat_max_ratio: see crop_cat_max.
     pseudo_dir: labels from pseudo_dir/<item_name>.png (class indices of `space`, no mapping).
     recrop_pixels: with (index, draw, cls) keys (Rare Class Sampling), re-crop until cls has more pixels.
+    list_file: train on the paths listed there (data_lists/ format; a folder's relative to images/<split>/).
+    img_suffix / label_suffix (folder datasets): default any of .png/.jpg/.jpeg and .png (or classes.json's).
+    batch_size: the training batch; above 1 without a crop, items must share one size (check_batchable:
+    no --random-scale, and a folder at native size must hold images of one size).
+    Every listed file must exist (check_files_exist) and a split must hold at least one image.
     """
+    names, lines = list_entries(list_file, name) if list_file else (None, None)
     if name in toy.DOMAINS:
         if split not in toy.SPLIT_LENGTHS:
             raise UserError(f"--split {split!r}: the toy datasets have splits {', '.join(toy.SPLIT_LENGTHS)}")
+        if labeled and not pseudo_dir and space is not None:
+            check_same_classes(space, name, None)  # its labels are trainIds: a folder's classes cannot read them
         return ToyDataset(name, split, labeled=labeled, crop=crop, augment=augment, seed=seed,
                           pseudo_dir=pseudo_dir, cat_max_ratio=cat_max_ratio, recrop_pixels=recrop_pixels,
                           num_classes=space.num_classes if space is not None else None)
@@ -642,29 +1162,40 @@ def build_dataset(name, split, space, root=None, labeled=True, crop=None, augmen
         raise UserError(f"dataset {name!r}: unknown (expected one of {', '.join(DATASET_NAMES)})")
     if root is None:
         root = dataset_root(name, None)
+    classes, label_key = None, None
+    if name == FOLDER:
+        # pseudo-labels replace the folder's labels: then its classes.json is not needed to read them
+        classes, img_suffix, label_suffix = folder_options(root, img_suffix, label_suffix,
+                                                           labeled and not pseudo_dir, None if pseudo_dir else space)
+        label_key = json.dumps([classes["classes"], sorted((classes["label_map"] or {}).items())]) if classes else None
+    label_suffix = label_suffix or FOLDER_LABEL_SUFFIX
     if pseudo_dir and labeled:
-        items = dataset_items(name, split, root, labeled=False)
+        items = dataset_items(name, split, root, False, names, img_suffix, label_suffix)
         check_pseudo_labels(pseudo_dir, [n for _, _, n in items])
         items = [(image, os.path.join(pseudo_dir, n + ".png"), n) for image, _, n in items]
         reader = LabelReader("pseudo", num_classes=space.num_classes)
     else:
-        items = dataset_items(name, split, root, labeled)
-        reader = label_reader(name, space)
-    missing = missing_files(items)
-    if missing:
-        raise UserError(f"{name} {split}: {len(missing)} of {len(items)} listed images/labels are missing under "
-                        f"{root}, e.g. {', '.join(missing[:3])} (see `python -m uda.datasets check {name} {root}`; "
-                        f"`python -m uda.datasets lists {name} {root}` lists what is there)")
+        items = dataset_items(name, split, root, labeled, names, img_suffix, label_suffix)
+        reader = label_reader(name, space, classes) if labeled else None
+    if not items:
+        raise UserError(f"{name} {split}: no images under {root} (expected {layout(name)})")
     if size == "default":
         size = None if pseudo_dir else default_train_size(name)
-    return FileDataset(name, split, items, reader, augment=augment, seed=seed, size=size, scale_range=scale_range,
-                       crop=crop, cat_max_ratio=cat_max_ratio, recrop_pixels=recrop_pixels)
+    dataset = FileDataset(name, split, items, reader, augment=augment, seed=seed, size=size, scale_range=scale_range,
+                          crop=crop, cat_max_ratio=cat_max_ratio, recrop_pixels=recrop_pixels, root=root,
+                          list_file=list_file, lines=lines, label_key=label_key)
+    check_files_exist(dataset)
+    if augment and crop is None and batch_size > 1:
+        check_batchable(dataset, batch_size)
+    return dataset
 
 
 def train_options(args, side):
-    """build_dataset keywords of train.py's training streams from its flags (side: 'source' or 'target')."""
+    """build_dataset keywords of train.py's training streams from its flags (side: 'source' or 'target'):
+    --cat-max-ratio, --random-scale, --<side>-size, --<side>-list, --batch-size, and for the source
+    --pseudo-dir and the RCS re-crop threshold. Any flag may be absent from `args`."""
     from uda.common import parse_size
-    options = {"cat_max_ratio": getattr(args, "cat_max_ratio", 1.0)}
+    options = {"cat_max_ratio": getattr(args, "cat_max_ratio", 1.0), "batch_size": getattr(args, "batch_size", 1)}
     scale = getattr(args, "random_scale", None)
     if scale:
         if not 0 < scale[0] <= scale[1]:
@@ -673,6 +1204,9 @@ def train_options(args, side):
     size = getattr(args, f"{side}_size", None)
     if size:
         options["size"] = None if size == "native" else parse_size(size, f"--{side}-size")
+    list_file = getattr(args, f"{side}_list", None)
+    if list_file:
+        options["list_file"] = list_file
     if side == "source":
         options["pseudo_dir"] = getattr(args, "pseudo_dir", None)
         if getattr(args, "source_sampler", "uniform") == "rcs":
@@ -717,20 +1251,60 @@ def default_eval_size(name):
 # --------------------------------------------------------------------------------------------------
 # Command line: check a copy of a dataset, write data lists
 # --------------------------------------------------------------------------------------------------
-def check_space(name, synthia_classes):
+def check_space(name, synthia_classes, classes=None):
+    """The label space a `check` histogram is drawn in; a folder's from its classes.json record `classes`
+    (None: an unlabelled folder without classes.json, no histogram)."""
+    if name == FOLDER:
+        return folder_space(classes) if classes is not None else None
     if name == "synthia":
         return SYNTHIA_16 if synthia_classes == 16 else SYNTHIA_19
     return CROSSCITY_19 if name in CROSSCITY_CITIES else CITYSCAPES_19
 
 
-def check(name, root, split=None, full=False, sample=50, synthia_classes=16, out=print):
+def check_images(chosen, reader):
+    """Decode the chosen (image, label, name) items: (pixel histogram (256,), unreadable, size mismatches,
+    16-bit grayscale images). Nothing raises: every broken file is reported with its reason."""
+    pixels = np.zeros(256, dtype=np.int64)
+    unreadable, mismatched, gray16 = [], [], []
+    for image_path, label_path, _ in chosen:
+        try:
+            mode, image_size = probe_image(image_path)
+            read_image(image_path)  # a full decode: truncated files fail here
+        except UserError as err:
+            unreadable.append(str(err))
+            continue
+        if mode in GRAY16_MODES:
+            gray16.append(image_path)
+        if label_path is None:
+            continue
+        try:
+            label = reader(label_path)
+        except UserError as err:
+            unreadable.append(str(err))
+            continue
+        if (label.shape[1], label.shape[0]) != image_size:
+            mismatched.append(f"{os.path.basename(image_path)}: image {image_size[0]}x{image_size[1]}, "
+                              f"label {label.shape[1]}x{label.shape[0]}")
+        pixels += np.bincount(label.ravel(), minlength=256)
+    return pixels, unreadable, mismatched, gray16
+
+
+def check(name, root, split=None, full=False, sample=50, synthia_classes=16, out=print, img_suffix=None,
+          label_suffix=None):
     """Count, open and decode a dataset copy; returns the JSON-able report (see the README)."""
     if name not in FOLDERS:
-        raise UserError(f"dataset {name!r}: unknown (expected one of {', '.join(REAL_DATASETS)})")
+        raise UserError(f"dataset {name!r}: unknown (expected one of {', '.join([*REAL_DATASETS, FOLDER])})")
     split = split or ("val" if name in CROSSCITY_CITIES else "train")
-    labeled = not (split == "test" and name == "cityscapes") and not (split == "train" and name in CROSSCITY_CITIES)
-    space = check_space(name, synthia_classes)
-    items = dataset_items(name, split, root, labeled)
+    if split not in SPLITS[name]:
+        raise UserError(f"--split {split!r}: {name} has splits {', '.join(SPLITS[name])}")
+    labeled = has_labels(name, split, root)
+    classes = None
+    if name == FOLDER:
+        require_dir(root, name, "the dataset folder")
+        classes, img_suffix, label_suffix = folder_options(root, img_suffix, label_suffix, labeled, None)
+    space = check_space(name, synthia_classes, classes)
+    items = dataset_items(name, split, root, labeled, img_suffix=img_suffix,
+                          label_suffix=label_suffix or FOLDER_LABEL_SUFFIX)
     missing = missing_files(items)
     absent = set(missing)
     images = sum(image not in absent for image, _, _ in items)
@@ -739,68 +1313,90 @@ def check(name, root, split=None, full=False, sample=50, synthia_classes=16, out
     complete = [item for item in items if item[0] not in absent and item[1] not in absent]
     chosen = complete if full or len(complete) <= sample else \
         [complete[i] for i in np.linspace(0, len(complete) - 1, sample).round().astype(int)]
-    reader = label_reader(name, space)
-    pixels = np.zeros(256, dtype=np.int64)
-    unreadable, mismatched = [], []
-    for image_path, label_path, _ in chosen:
-        try:
-            with Image.open(image_path) as im:
-                im.load()
-                image_size = im.size
-        except Exception as err:  # PIL raises many types for a broken file
-            unreadable.append(f"{image_path} ({type(err).__name__})")
-            continue
-        if label_path is None:
-            continue
-        try:
-            label = reader(label_path)
-        except Exception as err:
-            unreadable.append(f"{label_path} ({type(err).__name__}: {err})")
-            continue
-        if (label.shape[1], label.shape[0]) != image_size:
-            mismatched.append(f"{os.path.basename(image_path)}: image {image_size[0]}x{image_size[1]}, "
-                              f"label {label.shape[1]}x{label.shape[0]}")
-        pixels += np.bincount(label.ravel(), minlength=256)
-    class_pixels = {int(c): int(pixels[c]) for c in range(space.num_classes)}
+    reader = label_reader(name, space, classes) if labeled else None
+    pixels, unreadable, mismatched, gray16 = check_images(chosen, reader)
+    num_classes = space.num_classes if space is not None else 0
+    class_pixels = {int(c): int(pixels[c]) for c in range(num_classes)}
     class_pixels[IGNORE_INDEX] = int(pixels[IGNORE_INDEX])
     report = {"dataset": name, "split": split, "root": root, "expected": expected, "listed": len(items),
               "images": images, "labels": labels, "missing": missing, "unreadable": unreadable,
-              "size_mismatches": mismatched, "checked": len(chosen), "class_pixels": class_pixels}
-
-    out(f"{name} {split} at {root}")
-    exp = f" (expected {expected})" if expected else ""
-    out(f"  images: {images} of {len(items)} listed{exp}")
-    if labeled:
-        out(f"  labels: {labels} of {len(items)} listed")
-    if missing:
-        out(f"  MISSING {len(missing)} files: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-    if expected and len(items) != expected:
-        out(f"  WARNING: {len(items)} listed, a complete copy has {expected}")
-    for text in unreadable[:10]:
-        out(f"  UNREADABLE {text}")
-    if mismatched:
-        out(f"  {len(mismatched)} image/label size mismatches (labels are resized to the image, nearest): "
-            + "; ".join(mismatched[:5]))
-    total = int(pixels.sum())
-    if labeled and total:
-        kind = "class index" if space.trainids != list(range(len(space.trainids))) else "trainId"
-        out(f"  label pixels over {len(chosen)} {'' if full else 'sampled '}labels, by {kind}:")
-        for c in range(space.num_classes):
-            out(f"    {c:3d} {space.names[c]:<14} {100.0 * pixels[c] / total:6.2f} %")
-        out(f"    255 ignore         {100.0 * pixels[IGNORE_INDEX] / total:6.2f} %")
-        if pixels[IGNORE_INDEX] > 0.9 * total:
-            out("  WARNING: over 90% of the label pixels are ignore (255): wrong folder, or labels decoded wrong "
-                "(e.g. SYNTHIA labels converted to 8 bits, which turns every class id into 0)")
-    ok = not missing and not unreadable and (expected is None or len(items) == expected)
-    out("  OK" if ok else "  PROBLEMS found (see above)")
+              "size_mismatches": mismatched, "gray16_images": gray16, "checked": len(chosen),
+              "class_pixels": class_pixels, "classes": space.names if space is not None else None}
+    print_report(report, labeled, space, pixels, full, out)
     return report
 
 
-def write_list(name, root, split, out_path):
-    names = rule_list(name) if root is None else folder_list(name, split, root)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        f.write("".join(n + "\n" for n in names))
+def print_report(report, labeled, space, pixels, full, out):
+    """The human-readable form of check()'s report."""
+    name, items, expected, missing = report["dataset"], report["listed"], report["expected"], report["missing"]
+    out(f"{name} {report['split']} at {report['root']}")
+    exp = f" (expected {expected})" if expected else ""
+    out(f"  images: {report['images']} of {items} listed{exp}")
+    if labeled:
+        out(f"  labels: {report['labels']} of {items} listed")
+    elif name == FOLDER:
+        out(f"  labels: none (no labels/{report['split']}/ folder: usable as an unlabelled target)")
+    if missing:
+        out(f"  MISSING {len(missing)} files: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    if expected and items != expected:
+        out(f"  WARNING: {items} listed, a complete copy has {expected}")
+    for text in report["unreadable"][:10]:
+        out(f"  UNREADABLE {text}")
+    if report["size_mismatches"]:
+        out(f"  {len(report['size_mismatches'])} image/label size mismatches (labels are resized to the image, "
+            f"nearest): " + "; ".join(report["size_mismatches"][:5]))
+    if report["gray16_images"]:
+        out(f"  NOTE: {len(report['gray16_images'])} images are 16-bit grayscale (read as 8-bit gray, value / 257), "
+            f"e.g. {report['gray16_images'][0]}")
+    total = int(pixels.sum())
+    if labeled and total:
+        kind = "class index" if space.trainids != list(range(len(space.trainids))) or not space.has_trainids \
+            else "trainId"
+        out(f"  label pixels over {report['checked']} {'' if full else 'sampled '}labels, by {kind}:")
+        width = max(14, *(len(n) for n in space.names))
+        for c in range(space.num_classes):
+            out(f"    {c:3d} {space.names[c]:<{width}} {100.0 * pixels[c] / total:6.2f} %")
+        out(f"    255 {'ignore':<{width}} {100.0 * pixels[IGNORE_INDEX] / total:6.2f} %")
+        if pixels[IGNORE_INDEX] > 0.9 * total:
+            out("  WARNING: over 90% of the label pixels are ignore (255): wrong folder, or labels decoded wrong "
+                "(e.g. SYNTHIA labels converted to 8 bits, which turns every class id into 0)")
+    out("  OK" if not report_problems(report) else "  PROBLEMS found (see above)")
+
+
+def report_problems(report):
+    """Whether check()'s report shows a broken copy (exit status 1): missing, unreadable, wrong count."""
+    return bool(report["missing"] or report["unreadable"] or
+                (report["expected"] is not None and report["listed"] != report["expected"]))
+
+
+def refuse_output(path, overwrite, root=None, flag="--out"):
+    """Nothing a user made is overwritten, and nothing is written into a dataset folder."""
+    if root is not None:
+        inside = os.path.realpath(os.path.abspath(path))
+        dataset = os.path.realpath(root)
+        if os.path.commonpath([inside, dataset]) == dataset:
+            raise UserError(f"{flag} {path}: inside the dataset folder {root}; write it elsewhere (a dataset "
+                            f"folder is never written to)")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path}: already exists; pass --overwrite to replace it")
+
+
+def write_text(path, text):
+    """Write `text` atomically: a crash never leaves half a list where a whole one was."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_list(name, root, split, out_path, overwrite=False, img_suffix=None):
+    """Write the data list of a split (from ROOT, or the naming rule of GTA5/SYNTHIA); returns its length."""
+    refuse_output(out_path, overwrite, root)
+    names = rule_list(name) if root is None else folder_list(name, split, root, img_suffix)
+    if not names:
+        raise UserError(f"lists {name}: no images found for split {split} under {root} (expected {layout(name)})")
+    write_text(out_path, "".join(n + "\n" for n in names))
     return len(names)
 
 
@@ -808,34 +1404,43 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uda.datasets", description="Check a dataset copy or write lists.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="count, open and decode a dataset copy; print a class histogram")
-    c.add_argument("name", choices=REAL_DATASETS)
+    c.add_argument("name", choices=[*REAL_DATASETS, FOLDER])
     c.add_argument("root", help="the dataset's folder, e.g. /data/gta5 or /data/crosscity/Rome")
     c.add_argument("--split", default=None, help="split to check (default: train; val for Cross-City)")
     c.add_argument("--full", action="store_true", help="decode every label (default: a sample)")
     c.add_argument("--sample", type=int, default=50, help="labels decoded for the histogram without --full")
     c.add_argument("--synthia-classes", type=int, choices=[16, 19], default=16, help="SYNTHIA histogram space")
+    c.add_argument("--img-suffix", default=None, help="folder: image suffix (default: .png, .jpg or .jpeg)")
+    c.add_argument("--label-suffix", default=None, help="folder: label suffix (default: .png)")
     c.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
     ls = sub.add_parser("lists", help="write a data list (one relative path per line)")
-    ls.add_argument("name", choices=REAL_DATASETS)
+    ls.add_argument("name", choices=[*REAL_DATASETS, FOLDER])
     ls.add_argument("root", nargs="?", default=None,
                     help="dataset folder to list (optional for gta5/synthia: their naming rule)")
     ls.add_argument("--split", default="train", help="split (default: train)")
-    ls.add_argument("--out", default=None, help="output file (default: data_lists/NAME/SPLIT.txt)")
+    ls.add_argument("--out", default=None,
+                    help="output file (default: data_lists/NAME/SPLIT.txt; required for folder); never inside ROOT")
+    ls.add_argument("--img-suffix", default=None, help="folder: image suffix (default: .png, .jpg or .jpeg)")
+    ls.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
     if args.command == "check":
-        report = check(args.name, args.root, args.split, args.full, args.sample, args.synthia_classes)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
-        problems = report["missing"] or report["unreadable"] or \
-            (report["expected"] is not None and report["listed"] != report["expected"])
-        sys.exit(1 if problems else 0)
+            refuse_output(args.json, args.overwrite, args.root, flag="--json")
+        report = check(args.name, args.root, args.split, args.full, args.sample, args.synthia_classes,
+                       img_suffix=args.img_suffix, label_suffix=args.label_suffix)
+        if args.json:
+            write_text(args.json, json.dumps(report, indent=1))
+        sys.exit(1 if report_problems(report) else 0)
     if args.root is None and args.name not in ("gta5", "synthia"):
         raise UserError(f"lists {args.name}: pass the dataset folder (its list follows from the folder)")
     if args.split not in SPLITS[args.name]:
         raise UserError(f"--split {args.split!r}: {args.name} has splits {', '.join(SPLITS[args.name])}")
+    if args.out is None and args.name == FOLDER:
+        raise UserError("lists folder: pass --out FILE (a folder dataset has no list in data_lists/, which names "
+                        "the benchmarks)")
     out_path = args.out or os.path.join(LISTS_DIR, args.name, f"{args.split}.txt")
-    count = write_list(args.name, args.root, args.split, out_path)
+    count = write_list(args.name, args.root, args.split, out_path, args.overwrite, args.img_suffix)
     print(f"wrote {count} names to {out_path}")
 
 

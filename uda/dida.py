@@ -1,17 +1,21 @@
 """DIDA: dual-level interaction on the DAFormer self-training base (`--method dida`).
 
+Copy with: uda/common.py, uda/augment.py, uda/models.py, uda/daformer.py.
+
 Paper: Yao, Li, et al., "Dual-level Interaction for Domain Adaptive Semantic Segmentation", ICCV 2023
 workshops, arXiv 2307.07972. Official code checked: github.com/RainJamesY/DIDA commit 8b9c5bf
 (mmseg/models/uda/dacs.py, the DAFormer repository with a modified UDA module). The paper body could not
 be read: the maths below is what the released code computes, plus the SimMatch form it ports (Zheng et
 al., "SimMatch: Semi-supervised Learning with Similarity Matching", CVPR 2022, arXiv 2203.06915; USB's
-simmatch.py). Everything of the base (EMA teacher, ClassMix, RCS, feature distance, recipe) is
-uda/daformer.py, whose objective L_daformer = L_src + lambda_fd L_fd + L_mix is kept unchanged.
+simmatch.py). The base (EMA teacher, pseudo-labels, ClassMix, feature distance, recipe) is DAFormer's:
+its pure functions come from uda/daformer.py, its objective L_daformer = L_src + lambda_fd L_fd + L_mix
+(the --daformer-... flags) is kept unchanged, and `DIDA.train_step` writes the whole iteration out.
 
 Symbols: e(.) the model's features (DAFormer head: fused 256-d map at stride 4, >= 0 after BN-ReLU);
-U(.) bilinear upsampling to the H x W crop; bank entries f_k in R^D with class labels l_k, k = 1..K;
-x_t^w the teacher's (weak) target view, x_m the strong ClassMix view, M the pasted-source mask;
-P the teacher's class probabilities on x_t^w, z the student's logits on x_m (upsampled, detached).
+U(.) bilinear upsampling to the H x W crop (--align-corners, False as mmseg); bank entries f_k in R^D with
+class labels l_k, k = 1..K; x_t^w the teacher's (weak) target view, x_m the strong ClassMix view, M the
+pasted-source mask; P the teacher's class probabilities on x_t^w, z the student's logits on x_m
+(upsampled, detached).
 
   similarities  s_k(i) = <U(e_teacher(x_t^w))_i, f_k>,  r_k(i) = <U(e_student(x_m))_i, f_k>,
                 computed as U(<e, f_k>) at the feature stride (exact: U is linear).
@@ -22,30 +26,35 @@ P the teacher's class probabilities on x_t^w, z the student's logits on x_m (ups
       L_ins = (1/N) sum_i sum_k -q_k(i) log(p_k(i) + 1e-10) over all N = B H W pixels
   --dida-mode simmatch (default; the form DIDA's code ports):
       features and bank entries L2-normalised (the features at their own stride, before U),
-      student   p_k = softmax_k(r_k / T),  teacher q^w_k = softmax_k(s_k / T)
+      student   p_k = softmax_k(r_k / T),  teacher q^w_k = softmax_k(s_k / T)   (T = --dida-temperature)
       scatter   q_k = q^w_k P_{l_k} / sum_j q^w_j P_{l_j}           (calibration by the teacher's P)
       gather    P~_c = alpha P_c + (1 - alpha) sum_{k: l_k = c} q^w_k
       L_ins = mean over non-pasted pixels (M = 0) of sum_k -q_k log p_k
   In both modes the semantic pseudo-labels of DAFormer's L_mix come from P~ (argmax, quality weight on
-  max P~). Without --dida-calibrate, q = s / sum s (released) or q = q^w (simmatch).
+  max P~); alpha = --dida-gather-alpha. Without --dida-calibrate, q = s / sum s (released) or q = q^w
+  (simmatch).
 
-  L = L_daformer + lambda_ins L_ins                              (lambda_ins = --ins-lambda, 0.5)
+  L = L_daformer + lambda_ins L_ins                              (lambda_ins = --dida-lambda-ins, 0.5)
 
-Bank: K = --bank-size entries, labels l_k = k mod C (K/C per class, the first K mod C classes one more).
-Filled with per-image class means of U(e_student(x_s)) over labelled source pixels: while a class has
-empty slots, every source image containing it fills the next one (all ranks' images, in rank order).
-Every --bank-interval iterations (from iteration 0) the class means mu_c over the whole source batch
-(sums and counts all-reduced across ranks) update f_k <- m f_k + (1 - m) mu_{l_k} for filled entries of
-classes present in the batch (m = --bank-momentum). Only filled entries enter the similarities.
-Class means of U(e) are computed without upsampling the features: sum_{i: y_i = c} U(e)_i =
-sum_j (U^T 1_c)_j e_j, with U^T the adjoint of bilinear upsampling (autograd of F.interpolate).
+Bank: K = --dida-bank-size entries, labels l_k = k mod C (K/C per class, the first K mod C classes one
+more). Filled with per-image class means of U(e_student(x_s)) over labelled source pixels: while a class
+has empty slots, every source image containing it fills the next one (all ranks' images, in rank order).
+Every --dida-bank-interval iterations (from iteration 0) the class means mu_c over the whole source batch
+(sums and counts all-reduced across ranks, so every rank keeps the same bank) update
+f_k <- m f_k + (1 - m) mu_{l_k} for filled entries of classes present in the batch
+(m = --dida-bank-momentum). Only filled entries enter the similarities. Class means of U(e) are computed
+without upsampling the features: sum_{i: y_i = c} U(e)_i = sum_j (U^T 1_c)_j e_j, with U^T the adjoint
+of bilinear upsampling (autograd of the same common.upsample).
 
 Default mode: simmatch. The released form gives an almost uniform instance distribution (mean entropy
 5.64 vs log 300 = 5.70 with the shipped bank: a weak signal), lets raw logits make the targets negative
 or unbounded, and applies a target computed on the unmixed target image to pasted source pixels; the
 SimMatch form DIDA cites has none of these problems. Which one produced the paper's numbers is unknown.
 
-Deviations:
+Recipe: DAFormer's (RECIPE = daformer.RECIPE; DIDA's configs are DAFormer's). Multi-GPU: see
+common.optimizer_step; the bank statistics are all-reduced as said above.
+
+Deviations (besides DAFormer's, listed in uda/daformer.py):
 - Bank initialisation: the official code loads shipped .npz banks of undocumented origin (and the
   SYNTHIA bank even for GTA5). They cannot be regenerated, so the bank is filled online from the
   student's source features at the start of training (above); with a random-init head these first
@@ -59,6 +68,9 @@ Deviations:
 - simmatch mode: a real weak view (--dida-weak-view photometric: DACS colour jitter + blur of the
   target crop, what the official code intends; its call is a no-op there because a shape check never
   fires) and pasted pixels excluded from L_ins; the mixed image uses the clean target crop (DAFormer).
+- Random numbers: the weak view, the ClassMix class choice and the strong augmentation draw from the
+  method's own generator (common.method_generator, saved in the checkpoint; official: the global
+  RNGs), so a resumed run is exact and evaluation can never shift them.
 - Batch, crop, D, C and K are not hard-coded; nothing is written to disk during training.
 """
 import argparse
@@ -67,11 +79,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from uda import common
-from uda.common import IGNORE_INDEX
-from uda.daformer import DAFormer, strong_augment, upsample_to
+from uda import common, daformer
+from uda.augment import dacs_strong_augment
+from uda.common import IGNORE_INDEX, optimizer_step, upsample
 from uda.daformer import add_arguments as add_daformer_arguments
 
+GENERATOR_STREAM = 4   # this method's common.method_generator stream (its place in train.METHODS)
 LOG_EPS = 1e-10        # official instance_similarity_loss: log(p + 1e-10)
 DIV_EPS = 1e-12        # denominators of the released-mode normalisations (guards a zero sum)
 SIMMATCH_ALPHA = 0.9   # SimMatch smoothing_alpha (USB default); the released DIDA uses 1 (gather off)
@@ -80,7 +93,7 @@ SIMMATCH_ALPHA = 0.9   # SimMatch smoothing_alpha (USB default); the released DI
 # --------------------------------------------------------------------------------------------------
 # Losses: pure functions of tensors
 # --------------------------------------------------------------------------------------------------
-def bank_similarity(features, bank, size):
+def bank_similarity(features, bank, size, align_corners):
     """U(<e, f_k>): features (B, D, h, w), bank (K, D) -> (B, H, W, K) fp32, size = (H, W).
 
     Computed at the feature stride then upsampled: equal to <U(e)_i, f_k> by linearity of U, at
@@ -90,9 +103,9 @@ def bank_similarity(features, bank, size):
     """
     assert features.dim() == 4 and bank.dim() == 2 and features.shape[1] == bank.shape[1]
     with torch.autocast(device_type=features.device.type, enabled=False):
-        sim = torch.einsum("bdhw,kd->bhwk", features.float(), bank.float())  # (B, h, w, K)
-        sim = upsample_to(sim.permute(0, 3, 1, 2), size)                    # (B, K, H, W) channels-last memory
-        return sim.permute(0, 2, 3, 1).contiguous()                          # (B, H, W, K), a view here
+        sim = torch.einsum("bdhw,kd->bhwk", features.float(), bank.float())      # (B, h, w, K)
+        sim = upsample(sim.permute(0, 3, 1, 2), size, align_corners)            # (B, K, H, W) channels-last memory
+        return sim.permute(0, 2, 3, 1).contiguous()                              # (B, H, W, K), a view here
 
 
 def per_entry(class_map, bank_labels):
@@ -161,8 +174,8 @@ def gather_probs(probs, instance_dist, bank_labels, alpha, released):
     return base + (1 - alpha) * aggregated.permute(0, 3, 1, 2)               # (B, C, H, W)
 
 
-def upsample_adjoint(weights, size):
-    """U^T w for the bilinear upsampling U: (h, w) -> (H, W) (align_corners=False).
+def upsample_adjoint(weights, size, align_corners):
+    """U^T w for the bilinear upsampling U = common.upsample(., (H, W), align_corners) from size (h, w).
 
     weights: (B, C, H, W) -> (B, C, h, w), size = (h, w); <U x, w> = <x, U^T w> for every x.
     """
@@ -171,11 +184,11 @@ def upsample_adjoint(weights, size):
     with torch.enable_grad():
         x = torch.zeros(weights.shape[:2] + tuple(size), dtype=weights.dtype, device=weights.device,
                         requires_grad=True)
-        (adjoint,) = torch.autograd.grad(upsample_to(x, weights.shape[-2:]), x, grad_outputs=weights)
+        (adjoint,) = torch.autograd.grad(upsample(x, weights.shape[-2:], align_corners), x, grad_outputs=weights)
     return adjoint
 
 
-def class_sums(features, labels, num_classes):
+def class_sums(features, labels, num_classes, align_corners):
     """Per-image class sums of U(features) over labelled pixels, and the pixel counts.
 
     features: (B, D, h, w); labels: (B, H, W) int64, 255 ignored. Returns sums (B, C, D) fp32 and
@@ -184,7 +197,7 @@ def class_sums(features, labels, num_classes):
     valid = labels != IGNORE_INDEX                                          # (B, H, W)
     onehot = F.one_hot(labels.masked_fill(~valid, 0), num_classes)          # (B, H, W, C)
     onehot = (onehot * valid[..., None]).permute(0, 3, 1, 2).float()         # (B, C, H, W)
-    weights = upsample_adjoint(onehot, features.shape[-2:])                  # (B, C, h, w)
+    weights = upsample_adjoint(onehot, features.shape[-2:], align_corners)   # (B, C, h, w)
     sums = torch.einsum("bchw,bdhw->bcd", weights, features.float())        # (B, C, D)
     return sums, onehot.sum((2, 3))                                          # (B, C, D), (B, C)
 
@@ -192,9 +205,6 @@ def class_sums(features, labels, num_classes):
 # --------------------------------------------------------------------------------------------------
 # The labelled instance bank
 # --------------------------------------------------------------------------------------------------
-RECIPE = {}
-
-
 class InstanceBank(nn.Module):
     """K feature entries with fixed class labels l_k = k mod C; buffers, so checkpoints hold them."""
 
@@ -259,92 +269,178 @@ def gather_from_ranks(tensor):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
-class DIDA(DAFormer):
-    """DAFormer + the labelled instance bank, instance-level consistency and cross-level interaction."""
+RECIPE = dict(daformer.RECIPE)  # DIDA's configs are DAFormer's (shared/reference/dida.md, section 1)
+
+
+class DIDA:
+    """DAFormer's self-training + the labelled instance bank, instance-level consistency and
+    cross-level interaction, in one iteration written out (`train_step`)."""
+
+    needs_target = True
 
     def __init__(self, model, args, env):
-        super().__init__(model, args, env)
+        self.model, self.env, self.args = model, env, args  # args: read, never written
+        self.num_classes = env.space.num_classes
+        self.generator = common.method_generator(args.seed, GENERATOR_STREAM)  # weak view, ClassMix, jitter, blur
+        # DAFormer's parts
+        self.teacher = daformer.build_teacher(model)
+        self.fd_model = daformer.build_fd_model(model, args, env)
+        self.thing_indices = daformer.thing_indices(args.daformer_fd_classes, env.space, env.device)
+        self.ignore_top, self.ignore_bottom = daformer.ignored_rows(args)
+        self.optimizer = daformer.adamw(model.param_groups(args.head_lr_mult), args.lr, args.weight_decay)
+        self.optimizers = [self.optimizer]
+        # DIDA's
         self.released = args.dida_mode == "released"
-        self.alpha = args.gather_alpha if args.gather_alpha is not None else (
+        self.alpha = args.dida_gather_alpha if args.dida_gather_alpha is not None else (
             1.0 if self.released else SIMMATCH_ALPHA)
         weak = args.dida_weak_view or ("clean" if self.released else "photometric")
         self.photometric_weak_view = weak == "photometric"
-        self.bank = InstanceBank(args.bank_size, model.feature_dim, self.num_classes).to(env.device)
+        self.bank = InstanceBank(args.dida_bank_size, model.feature_dim, self.num_classes).to(env.device)
 
-    def after_source(self, features, labels, it):
-        """Fill empty bank slots, and every --bank-interval iterations momentum-update the bank."""
-        sums, counts = class_sums(features, labels, self.num_classes)       # (B, C, D), (B, C)
+    def update_bank(self, features, labels, it):
+        """Fill empty bank slots, and every --dida-bank-interval iterations momentum-update the bank.
+
+        features: (B, D, h, w) the student's detached source features; labels: (B, H, W).
+        """
+        sums, counts = class_sums(features, labels, self.num_classes, self.args.align_corners)  # (B, C, D), (B, C)
         if not self.bank.is_full():
             all_sums, all_counts = gather_from_ranks(sums), gather_from_ranks(counts)
             self.bank.fill(all_sums / all_counts.clamp_min(1)[..., None], all_counts > 0)
-        if it % self.args.bank_interval == 0:
+        if it % self.args.dida_bank_interval == 0:
             total = common.all_reduce_sum(torch.cat([sums.sum(0), counts.sum(0)[:, None]], dim=1))  # (C, D+1)
             means = total[:, :-1] / total[:, -1:].clamp_min(1)                 # (C, D)
-            self.bank.momentum_update(means, total[:, -1] > 0, self.args.bank_momentum)
-
-    def teacher_view(self, images):
-        if not self.photometric_weak_view:
-            return images
-        args = self.args
-        return strong_augment(images, args.color_jitter_strength, args.color_jitter_prob, args.blur_prob)
+            self.bank.momentum_update(means, total[:, -1] > 0, self.args.dida_bank_momentum)
 
     def similarity(self, features, bank, size):
-        """released: raw dot products of features and entries clamped at 0 (a no-op for ReLU features;
+        """(B, H, W, K') similarities of features (B, D, h, w) to the bank entries (K', D).
+
+        released: raw dot products of features and entries clamped at 0 (a no-op for ReLU features;
         keeps r, s >= 0). simmatch: cosine similarities / T, the 1/T folded into the unit entries."""
         if self.released:
-            return bank_similarity(features.float().clamp_min(0), bank.clamp_min(0), size)
+            return bank_similarity(features.float().clamp_min(0), bank.clamp_min(0), size, self.args.align_corners)
         features = F.normalize(features.float(), dim=1)  # unit features at their own stride
-        return bank_similarity(features, F.normalize(bank, dim=1) / self.args.temperature, size)
+        return bank_similarity(features, F.normalize(bank, dim=1) / self.args.dida_temperature, size,
+                               self.args.align_corners)
 
-    def refine_teacher_probs(self, probs, teacher_features, ctx):
-        bank, labels = self.bank.entries()
-        ctx["bank"] = (bank, labels)
-        if labels.numel() == 0:
-            return probs
-        sim = self.similarity(teacher_features, bank, ctx["size"])            # (B, H, W, K')
-        if not self.released:
-            sim = torch.softmax(sim, dim=-1)  # q^w, shared by the gather and the instance target
-        ctx["sim_teacher"] = sim
-        if self.alpha >= 1:
-            return probs
-        dist = sim / sim.sum(-1, keepdim=True).clamp_min(DIV_EPS) if self.released else sim  # (B, H, W, K')
-        return gather_probs(probs, dist, labels, self.alpha, self.released)
+    def train_step(self, source, target, it):
+        args, env, model = self.args, self.env, self.model
+        xs, ys, xt = source["image"], source["label"], target["image"]
+        size, align_corners = tuple(ys.shape[-2:]), args.align_corners
+        self.optimizer.zero_grad(set_to_none=True)
+        daformer.ema_update(self.teacher, model, it, args.daformer_ema_alpha)
+        logged = {}
 
-    def extra_mix_losses(self, features, logits, ctx):
-        bank, labels = ctx["bank"]
-        if labels.numel() == 0:  # nothing labelled yet (an all-ignore first batch)
-            return {"ins": (features.float().sum() * 0.0, torch.zeros((), device=features.device))}
-        sim_student = self.similarity(features, bank, ctx["size"])            # (B, H, W, K')
-        if self.released:
-            calib = upsample_to(logits.detach().float(), ctx["size"]) if self.args.dida_calibrate else None
-            loss = released_instance_loss(ctx["sim_teacher"], sim_student, calib, labels)
-        else:
-            probs = ctx["teacher_probs"] if self.args.dida_calibrate else None
-            loss = simmatch_instance_loss(ctx["sim_teacher"], sim_student, probs, labels, ~ctx["mix_mask"])
-        return {"ins": (self.args.ins_lambda * loss, loss.detach()),
-                "bank_filled": (0.0, self.bank.filled.float().mean())}
+        # 1. source: DAFormer's CE (+ feature distance); its detached features fill / update the bank
+        with env.autocast():
+            if self.fd_model is None:
+                features_s, logits_s = model(xs)
+            else:  # the deepest encoder map of the same forward, for the feature distance
+                features_s, logits_s, encoder_s = model(xs, with_encoder=True)
+                with torch.no_grad():
+                    encoder_frozen = self.fd_model.encoder_features(xs)
+        loss_src = daformer.weighted_cross_entropy(upsample(logits_s, size, align_corners), ys)
+        logged["src"] = loss_src.detach()
+        loss = loss_src
+        if self.fd_model is not None:
+            things = daformer.fd_mask(ys, encoder_s.shape[-2:], self.thing_indices, args.daformer_fd_min_ratio,
+                                      self.num_classes)                      # (B, h, w)
+            loss_fd = daformer.feature_distance(encoder_s, encoder_frozen, things)
+            loss = loss + args.daformer_lambda_fd * loss_fd
+            logged["fd"] = loss_fd.detach()
+        self.update_bank(features_s.detach(), ys, it)
+        env.scaler.scale(loss).backward()
+        del features_s, logits_s, loss
+
+        bank, bank_labels = self.bank.entries()                              # (K', D), (K',)
+        use_bank = bank_labels.numel() > 0 and (args.dida_lambda_ins > 0 or self.alpha < 1)
+        with torch.no_grad():
+            # 2. teacher on the weak view: class probabilities P and bank similarities s (or q^w)
+            weak = xt
+            if self.photometric_weak_view:
+                weak = dacs_strong_augment(xt, args.daformer_jitter_strength, args.daformer_jitter_prob,
+                                           args.daformer_blur_prob, self.generator)
+            with env.autocast():
+                features_t, logits_t = self.teacher(weak)
+            probs = torch.softmax(upsample(logits_t.float(), size, align_corners), dim=1)  # (B, C, H, W) fp32
+            sim_teacher = None
+            if use_bank:
+                sim_teacher = self.similarity(features_t, bank, size)        # (B, H, W, K')
+                if not self.released:
+                    sim_teacher = torch.softmax(sim_teacher, dim=-1)         # q^w: the gather and the target
+
+            # 3. gather K -> C: DAFormer's pseudo-labels from P~
+            refined = probs
+            if use_bank and self.alpha < 1:
+                dist = sim_teacher / sim_teacher.sum(-1, keepdim=True).clamp_min(DIV_EPS) if self.released \
+                    else sim_teacher                                         # (B, H, W, K')
+                refined = gather_probs(probs, dist, bank_labels, self.alpha, self.released)
+            labels_t, weight_t, quality = daformer.pseudo_labels(refined, args.daformer_pseudo_threshold,
+                                                                 self.ignore_top, self.ignore_bottom)
+            logged["pl_quality"] = quality
+
+            # 4. DAFormer's ClassMix + strong augmentation (of the clean target crop)
+            mask = daformer.class_mix_masks(ys, self.generator)              # (B, H, W) bool
+            xm = dacs_strong_augment(daformer.mix(mask, xs, xt), args.daformer_jitter_strength,
+                                     args.daformer_jitter_prob, args.daformer_blur_prob, self.generator)
+            ym = daformer.mix(mask, ys, labels_t)
+            wm = daformer.mix(mask, torch.ones_like(weight_t), weight_t)
+
+        # 5. the student on the mixed image: DAFormer's L_mix and, scattering C -> K, L_ins
+        with env.autocast():
+            features_m, logits_m = model(xm)
+        loss_mix = daformer.weighted_cross_entropy(upsample(logits_m, size, align_corners), ym, wm)
+        logged["mix"] = loss_mix.detach()
+        loss = loss_mix
+        if args.dida_lambda_ins > 0:
+            if sim_teacher is None:  # nothing labelled yet (an all-ignore first batch): no instance term
+                logged["ins"] = torch.zeros((), device=env.device)
+            else:
+                sim_student = self.similarity(features_m, bank, size)        # (B, H, W, K')
+                if self.released:
+                    calib = upsample(logits_m.detach().float(), size, align_corners) if args.dida_calibrate else None
+                    loss_ins = released_instance_loss(sim_teacher, sim_student, calib, bank_labels)
+                else:
+                    calib = probs if args.dida_calibrate else None
+                    loss_ins = simmatch_instance_loss(sim_teacher, sim_student, calib, bank_labels, ~mask)
+                loss = loss + args.dida_lambda_ins * loss_ins
+                logged["ins"] = loss_ins.detach()
+        env.scaler.scale(loss).backward()
+        optimizer_step(self.optimizer, env.scaler)
+        logged["bank_filled"] = self.bank.filled.float().mean()
+        return logged
 
     def state_dict(self):
-        return dict(super().state_dict(), bank=self.bank.state_dict())
+        state = {"optimizer": self.optimizer.state_dict(), "teacher": self.teacher.state_dict(),
+                 "bank": self.bank.state_dict(), "generator": self.generator.get_state()}
+        if self.fd_model is not None:
+            state["fd_model"] = self.fd_model.state_dict()
+        return state
 
     def load_state_dict(self, state):
-        super().load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.teacher.load_state_dict(state["teacher"])
         self.bank.load_state_dict(state["bank"])
+        self.generator.set_state(state["generator"])
+        if self.fd_model is not None:
+            self.fd_model.load_state_dict(state["fd_model"])
 
 
 def add_arguments(parser):
+    """DAFormer's --daformer-... flags (DIDA's base) and DIDA's own."""
     add_daformer_arguments(parser)
     group = parser.add_argument_group("dida (dual-level interaction)")
     group.add_argument("--dida-mode", choices=["simmatch", "released"], default="simmatch",
                        help="simmatch: L2-normalised features, softmax/T, calibration by the teacher's "
                             "probabilities, pasted pixels masked; released: as the official code computes")
-    group.add_argument("--ins-lambda", type=float, default=0.5, help="weight of the instance-level loss L_ins")
-    group.add_argument("--bank-size", type=int, default=300, help="number K of bank entries (K/C per class)")
-    group.add_argument("--bank-interval", type=int, default=50, help="momentum-update the bank every N iterations")
-    group.add_argument("--bank-momentum", type=float, default=0.999, help="bank momentum m")
-    group.add_argument("--temperature", type=float, default=0.1,
+    group.add_argument("--dida-lambda-ins", type=float, default=0.5,
+                       help="weight of the instance-level loss L_ins (0 turns it off)")
+    group.add_argument("--dida-bank-size", type=int, default=300, help="number K of bank entries (K/C per class)")
+    group.add_argument("--dida-bank-interval", type=int, default=50,
+                       help="momentum-update the bank every N iterations")
+    group.add_argument("--dida-bank-momentum", type=float, default=0.999, help="bank momentum m")
+    group.add_argument("--dida-temperature", type=float, default=0.1,
                        help="softmax temperature T over bank entries (simmatch mode only; SimMatch 0.1)")
-    group.add_argument("--gather-alpha", type=float, default=None,
+    group.add_argument("--dida-gather-alpha", type=float, default=None,
                        help="weight of the semantic probabilities when gathering instance evidence into "
                             "pseudo-labels (1 = off; default: 1 released, 0.9 simmatch)")
     group.add_argument("--dida-calibrate", action=argparse.BooleanOptionalAction, default=True,

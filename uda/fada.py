@@ -1,75 +1,83 @@
 """FADA: fine-grained (class-level) adversarial feature alignment.
 
+Copy with: uda/common.py, uda/augment.py, uda/source_only.py
+
 Paper: Haoran Wang, Tong Shen, Wei Zhang, Ling-Yu Duan, Tao Mei, "Classes Matter: A Fine-grained
 Adversarial Approach to Cross-domain Semantic Segmentation", ECCV 2020, arXiv 2007.09222.
 Official code: https://github.com/JDAI-CV/FADA, commit a1c6403 (train_adv.py, core/models/
-discriminator.py, core/models/classifier.py, configs/*.yaml read and followed).
+discriminator.py, core/models/classifier.py, core/datasets/build.py, core/datasets/gta5.py,
+configs/deeplabv2_*_adv*.yaml read and followed). The later stages (pseudo-labels, self-distillation)
+are uda/pseudo_labels.py and uda/selftrain.py.
 
-Symbols: F = model features at stride 8 (layer4; B x D x h x w), z = logits (B x K x h x w), up(.) =
-bilinear upsampling to the input size (align_corners=True, as the official classifier and
-discriminator), T = --temperature, K classes, D(.) = the pixel discriminator with 2K outputs per pixel
-(channels 0..K-1 "source, class k", K..2K-1 "target, class k").
+Symbols: F = model features at stride 8 (layer4; B x D x h x w), z = logits (B x K x h x w), K classes,
+up(.) = bilinear upsampling to the input size with align_corners = --align-corners (True in RECIPE, as
+the official classifier), T = --fada-temperature, D(.) = the pixel discriminator with 2K outputs per
+pixel (channels 0..K-1 "source, class k", K..2K-1 "target, class k"), its output upsampled to the input
+size with align_corners=True always (hard-coded in the official PixelDiscriminator).
 
 Domain encodings (the discriminator's class-aware labels), from the model's OWN predictions in both
 domains (source ground truth is not used for them), detached, clamped, NOT renormalised:
-    a = min(softmax(up(z) / T), cap)                      cap = --encoding-cap
+    a = min(softmax(up(z) / T), cap)                      cap = --fada-encoding-cap
 
 Soft cross-entropy, softmax jointly over the 2K channels, mean over pixels, no ignore mask:
     softCE(d, y) = mean_pixels( -sum_{j<2K} y_j * log softmax_j(d) )
 
 One iteration, in the official order:
+0. x_s = ColorJitter(x_s) with (brightness, contrast, saturation, hue) = --fada-color-jitter
+   (0.5 0.5 0.5 0.2; uda.augment.color_jitter: torchvision semantics, an order per image); the target
+   images are only resized (by the loader).
 1. L_seg = CE(up(z_s) / T, y_s)  (the temperature is applied to the supervised loss too); backward.
 2. L_adv = lambda_adv * softCE(up(D(F_t)), [a_t ; 0]): target features are pushed towards "source,
    same class"; backward reaches the segmentation network only (D's weights take no gradient here).
-3. Step the segmentation network (backbone and classifier, head LR x --head-lr-mult).
+3. Step the segmentation network (SGD; backbone --lr, head x --head-lr-mult).
 4. L_D = lambda_d * softCE(up(D(F_s.detach())), [a_s ; 0]) + lambda_d * softCE(up(D(F_t.detach())), [0 ; a_t])
-   with the features from before step 3; step D (Adam).
-Total generator objective: L_seg + lambda_adv * softCE(...) with lambda_adv = --lambda-adv (0.001);
-discriminator objective: L_D with lambda_d = --lambda-d (0.5).
+   with the features from before step 3; step D (Adam --fada-d-lr, betas --fada-d-betas, no weight
+   decay, on the same poly schedule as the network).
+Total objective of the segmentation network: L_seg + L_adv, lambda_adv = --fada-lambda-adv (0.001);
+of the discriminator: L_D, lambda_d = --fada-lambda-d (0.5).
 
-Recipe (configs/deeplabv2_r101_adv.yaml): starts from the source-only warm-up (`--pretrained`), D from
-scratch; backbone LR 2.5e-4 (head x10), SGD momentum 0.9, wd 5e-4; D Adam 1e-4, betas (0.9, 0.99), no
-wd, on the same poly schedule (62,500 iterations stopping at 40,000); 1 source + 1 target image per GPU
-on 4 GPUs; source ColorJitter(0.5, 0.5, 0.5, 0.2); target resize only. Backbones: deeplabv2-r101
-(torchvision style, frozen BN), deeplabv2-vgg16 (1024-ch features), tiny (toy); D reads
+Recipe (RECIPE below; each value's source beside it): starts from the source-only warm-up
+(`--pretrained`, the official stage 1 at 20,000 iterations), D from scratch. Backbones: deeplabv2-r101
+(torchvision style, frozen BN), deeplabv2-vgg16 (1024-ch features), tiny (the toy); D reads
 model.feature_dim channels.
 
-DDP: train.py does not wrap modules in DistributedDataParallel; common.optimizer_step all-reduces (averages)
-each optimizer's gradients before stepping, so the discriminator is averaged across ranks exactly as a
-separate DDP module would be (the official code wraps it in its own DDP), and starts from rank 0's
-weights. AMP: the networks run under autocast; upsampling, softmaxes, encodings and soft CE run in fp32.
+DDP: D's gradients are averaged over ranks like the network's, in common.optimizer_step (D starts from
+rank 0's weights). AMP: the networks run under autocast; upsampling, softmaxes, encodings and soft CE
+run in fp32.
 
-Deviations:
-- The magic numbers of train_adv.py (1.8, 0.9, 0.001, 0.5) are flags with those defaults.
+Deviations (from the official code):
+- The magic numbers of train_adv.py (1.8, 0.9, 0.001, 0.5) and the discriminator's settings are flags
+  with those defaults.
 - D's gradients from step 2 are not computed at all (its parameters are frozen during that backward)
   instead of computed and then zeroed: same result, less work.
-- Source colour jitter runs on the batch in torch (uda/selftrain.color_jitter) after the loader's
-  resize, instead of on the PIL image; same operations.
+- The source colour jitter runs on the batch in torch after the loader's resize (official: torchvision
+  ColorJitter on the PIL image before the resize, rounding to uint8 after each operation); same
+  operations and factor distributions. Its random numbers come from the method's generator (seeded by
+  --seed and the rank, saved in the checkpoint), not from the global RNG.
+- train.py's loader flips the source batch horizontally with probability 0.5 (the official adversarial
+  stage does not flip).
+- Class-balanced source sampling (`--source-sampler class-balanced`) is reproducible per (seed, draw);
+  see uda/samplers.py for how it differs from gta5.py's unseeded per-rank list.
 - The official code leaves autograd anomaly detection on and restarts the LR schedule on resume; we
-  do neither (resume restores D, both optimizers and the iteration).
+  do neither (resume restores D, both optimizers, the generator and the iteration).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from uda import common
-from uda.common import IGNORE_INDEX, UserError, adam, optimizer_step, sgd
-from uda.selftrain import color_jitter, step_generator
+from uda.augment import color_jitter
+from uda.common import UserError, adam, optimizer_step, sgd
+from uda.source_only import cross_entropy
 
 LEAKY_SLOPE = 0.2  # official PixelDiscriminator: LeakyReLU(negative_slope=0.2)
+DISCRIMINATOR_ALIGN_CORNERS = True  # official PixelDiscriminator.forward: F.interpolate(..., align_corners=True)
+GENERATOR_STREAM = 2  # this method's stream of common.method_generator (source colour jitter)
 
 
 # --------------------------------------------------------------------------------------------------
 # Losses: pure functions of tensors
 # --------------------------------------------------------------------------------------------------
-def upsample(x, size):
-    """Bilinear, align_corners=True (the official classifier and discriminator), in fp32. (B, C, h, w) -> (B, C, *size)."""
-    x = x.float()
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-
-
 def domain_encoding(logits, temperature, cap):
     """a = min(softmax(logits / T), cap), detached and NOT renormalised.
 
@@ -105,22 +113,16 @@ def domain_cross_entropy(d_logits, encoding, domain):
 
 
 def segmentation_loss(logits, labels, temperature):
-    """CE(up(z) / T, y), 255 ignored, fp32; 0 (with a graph) when every pixel is ignored.
+    """CE(z / T, y), 255 ignored, fp32; 0 (with a graph) when every pixel is ignored.
 
     logits: (B, K, H, W) already at the label size; labels: (B, H, W) int64.
     """
-    assert logits.dim() == 4 and labels.shape == (logits.shape[0],) + logits.shape[2:]
-    if not (labels != IGNORE_INDEX).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float() / temperature, labels, ignore_index=IGNORE_INDEX)
+    return cross_entropy(logits.float() / temperature, labels)
 
 
 # --------------------------------------------------------------------------------------------------
 # The discriminator
 # --------------------------------------------------------------------------------------------------
-RECIPE = {}
-
-
 class PixelDiscriminator(nn.Module):
     """Fully convolutional, no downsampling: 3x3 conv D -> width, LeakyReLU, 3x3 -> width/2, LeakyReLU,
     then two 3x3 heads width/2 -> K ("source, class k" and "target, class k"), concatenated to 2K.
@@ -137,72 +139,90 @@ class PixelDiscriminator(nn.Module):
         self.target_head = nn.Conv2d(width // 2, num_classes, 3, padding=1)
 
     def forward(self, features, size=None):
-        """features (B, D, h, w) -> (B, 2K, h, w), or (B, 2K, *size) upsampled (fp32) when size is given."""
+        """features (B, D, h, w) -> (B, 2K, h, w), or (B, 2K, *size) in fp32 when size is given."""
         hidden = self.body(features)                                                       # (B, width/2, h, w)
         out = torch.cat([self.source_head(hidden), self.target_head(hidden)], dim=1)       # (B, 2K, h, w)
-        return upsample(out, size) if size is not None else out
+        if size is None:
+            return out
+        return common.upsample(out.float(), size, DISCRIMINATOR_ALIGN_CORNERS)             # (B, 2K, H, W)
 
 
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
+RECIPE = {
+    "lr": 2.5e-4,                        # configs/deeplabv2_r101_adv.yaml (and _vgg16_adv): SOLVER.BASE_LR
+    "head_lr_mult": 10.0,                # train_adv.py: optimizer_cls at BASE_LR * 10
+    "momentum": 0.9,                     # core/configs/defaults.py: SOLVER.MOMENTUM
+    "weight_decay": 5e-4,                # defaults.py: SOLVER.WEIGHT_DECAY
+    "poly_power": 0.9,                   # defaults.py: SOLVER.LR_METHOD 'poly', LR_POWER 0.9
+    "iters": 62500,                      # deeplabv2_r101_adv.yaml: SOLVER.MAX_ITER (the poly horizon)
+    "stop_iter": 40000,                  # deeplabv2_r101_adv.yaml: SOLVER.STOP_ITER
+    # BATCH_SIZE 8, halved by train_adv.py into 4 source + 4 target, over 4 GPUs (1 + 1 each): this is
+    # the one-process value; under torchrun pass --batch-size 4 / (number of processes)
+    "batch_size": 4,
+    "bn": "frozen",                      # deeplabv2_r101_adv.yaml: FREEZE_BN True (VGG-16 has no BN)
+    "source_sampler": "class-balanced",  # gta5.py / synthia.py build their train lists class-balanced
+    "align_corners": True,               # classifier.py ASPP_Classifier_V2: F.interpolate(align_corners=True)
+}
+
+
 class FADA:
     """Class-level adversarial alignment. Optimizers: SGD (segmentation network), Adam (discriminator)."""
 
     needs_target = True
 
     def __init__(self, model, args, env):
-        if args.temperature <= 0:
-            raise UserError(f"--temperature {args.temperature}: expected a positive number")
-        if not 0 < args.encoding_cap <= 1:
-            raise UserError(f"--encoding-cap {args.encoding_cap}: expected a probability in (0, 1]")
-        if args.lambda_adv < 0 or args.lambda_d <= 0 or args.d_width < 2:
-            raise UserError("--lambda-adv must be >= 0, --lambda-d > 0 and --d-width >= 2")
+        check_args(args)
         self.model, self.env = model, env
-        self.temperature, self.cap = args.temperature, args.encoding_cap
-        self.lambda_adv, self.lambda_d = args.lambda_adv, args.lambda_d
-        self.jitter, self.seed = tuple(args.color_jitter), args.seed
-        self.discriminator = PixelDiscriminator(model.feature_dim, model.num_classes, args.d_width).to(env.device)
+        self.temperature, self.cap = args.fada_temperature, args.fada_encoding_cap
+        self.lambda_adv, self.lambda_d = args.fada_lambda_adv, args.fada_lambda_d
+        self.jitter, self.align_corners = tuple(args.fada_color_jitter), args.align_corners
+        self.generator = common.method_generator(args.seed, GENERATOR_STREAM)
+        self.discriminator = PixelDiscriminator(model.feature_dim, model.num_classes, args.fada_d_width).to(env.device)
         common.broadcast_parameters(self.discriminator)  # every rank starts from rank 0's D
         self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
-        self.d_optimizer = adam(self.discriminator.parameters(), args.d_lr, tuple(args.d_betas))
+        self.d_optimizer = adam(self.discriminator.parameters(), args.fada_d_lr, tuple(args.fada_d_betas))
         self.optimizers = [self.optimizer, self.d_optimizer]  # train.py drives both with the poly schedule
 
-    def generator_step(self, source, target, it):
-        """Steps 1-3. Returns (detached source/target features, encodings, loss terms) for step 4."""
+    def generator_step(self, source, target):
+        """Steps 0-3. Returns (detached source/target features, encodings, logged terms) for step 4."""
         scaler = self.env.scaler
         self.optimizer.zero_grad(set_to_none=True)
         images_s, labels_s = source["image"], source["label"]
-        if any(x > 0 for x in self.jitter):
-            images_s = color_jitter(images_s, self.jitter, step_generator(self.seed, it))
+        if any(amount > 0 for amount in self.jitter):
+            images_s = color_jitter(images_s, *self.jitter, self.generator)
         size_s, size_t = tuple(images_s.shape[-2:]), tuple(target["image"].shape[-2:])
 
         # 1. supervised source loss on logits / T; backward now frees the source graph early
         with self.env.autocast():
-            features_s, logits_s = self.model(images_s)          # (B, D, h, w), (B, K, h, w)
-        logits_s = upsample(logits_s, size_s)                     # (B, K, H, W) fp32
+            features_s, logits_s = self.model(images_s)                           # (B, D, h, w), (B, K, h, w)
+        logits_s = common.upsample(logits_s.float(), size_s, self.align_corners)  # (B, K, H, W) fp32
         seg = segmentation_loss(logits_s, labels_s, self.temperature)
         scaler.scale(seg).backward()
         encoding_s = domain_encoding(logits_s, self.temperature, self.cap)
+        logged = {"seg": seg.detach()}
 
         # 2. adversarial loss: target features should look like "source, same class" to D
         with self.env.autocast():
             features_t, logits_t = self.model(target["image"])
-        encoding_t = domain_encoding(upsample(logits_t, size_t), self.temperature, self.cap)
-        self.discriminator.requires_grad_(False)  # no D gradients from the generator's loss
-        with self.env.autocast():
-            d_t = self.discriminator(features_t, size_t)          # (B, 2K, H, W) fp32
-        adv = self.lambda_adv * domain_cross_entropy(d_t, encoding_t, domain=0)
-        scaler.scale(adv).backward()
-        self.discriminator.requires_grad_(True)
+        encoding_t = domain_encoding(common.upsample(logits_t.float(), size_t, self.align_corners),
+                                     self.temperature, self.cap)
+        if self.lambda_adv:
+            self.discriminator.requires_grad_(False)  # no D gradients from the network's loss
+            with self.env.autocast():
+                d_t = self.discriminator(features_t, size_t)                      # (B, 2K, H, W) fp32
+            adv = self.lambda_adv * domain_cross_entropy(d_t, encoding_t, domain=0)
+            scaler.scale(adv).backward()
+            self.discriminator.requires_grad_(True)
+            logged["adv"] = adv.detach()
 
         # 3. step the segmentation network
         optimizer_step(self.optimizer, scaler)
-        losses = {"seg": seg.detach(), "adv": adv.detach()}
-        return features_s.detach(), features_t.detach(), encoding_s, encoding_t, losses
+        return features_s.detach(), features_t.detach(), encoding_s, encoding_t, logged
 
     def discriminator_step(self, features_s, features_t, encoding_s, encoding_t):
-        """Step 4 on features from before the generator step; the segmentation network is not touched."""
+        """Step 4 on features from before the network's step; the segmentation network is not touched."""
         scaler = self.env.scaler
         self.d_optimizer.zero_grad(set_to_none=True)
         with self.env.autocast():
@@ -217,37 +237,53 @@ class FADA:
         return {"d_src": d_src.detach(), "d_tgt": d_tgt.detach()}
 
     def train_step(self, source, target, it):
-        features_s, features_t, encoding_s, encoding_t, losses = self.generator_step(source, target, it)
-        losses.update(self.discriminator_step(features_s, features_t, encoding_s, encoding_t))
-        return losses
+        features_s, features_t, encoding_s, encoding_t, logged = self.generator_step(source, target)
+        logged.update(self.discriminator_step(features_s, features_t, encoding_s, encoding_t))
+        return logged
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict(), "discriminator": self.discriminator.state_dict(),
-                "d_optimizer": self.d_optimizer.state_dict()}
+                "d_optimizer": self.d_optimizer.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.generator.set_state(state["generator"])
+
+
+def check_args(args):
+    """One UserError per flag out of range that its argparse type lets through, before anything is built."""
+    if args.fada_encoding_cap > 1:
+        raise UserError(f"--fada-encoding-cap {args.fada_encoding_cap}: expected a probability in (0, 1]")
+    if args.fada_d_width < 2:
+        raise UserError(f"--fada-d-width {args.fada_d_width}: expected an integer >= 2")
+    if max(args.fada_d_betas) >= 1:
+        raise UserError(f"--fada-d-betas {' '.join(map(str, args.fada_d_betas))}: expected two numbers in [0, 1)")
+    if args.fada_color_jitter[3] > 0.5:
+        raise UserError(f"--fada-color-jitter {' '.join(map(str, args.fada_color_jitter))}: expected the hue "
+                        f"amount in [0, 0.5] (torchvision ColorJitter)")
 
 
 def add_arguments(parser):
     group = parser.add_argument_group("fada")
-    group.add_argument("--temperature", type=float, default=1.8,
+    group.add_argument("--fada-temperature", type=common.positive_float, default=1.8,
                        help="T: source CE on logits / T and encodings softmax(logits / T) (official train_adv.py: 1.8)")
-    group.add_argument("--encoding-cap", type=float, default=0.9,
+    group.add_argument("--fada-encoding-cap", type=common.positive_float, default=0.9,
                        help="clamp of the domain encodings, not renormalised (official: 0.9; paper sweep 0.7-1.0)")
-    group.add_argument("--lambda-adv", type=float, default=0.001,
+    group.add_argument("--fada-lambda-adv", type=common.nonnegative_float, default=0.001,
                        help="weight of the adversarial loss on target features (official: 0.001)")
-    group.add_argument("--lambda-d", type=float, default=0.5,
+    group.add_argument("--fada-lambda-d", type=common.positive_float, default=0.5,
                        help="weight of each domain's half of the discriminator loss (official: 0.5)")
-    group.add_argument("--d-lr", type=float, default=1e-4, help="discriminator Adam LR, poly-decayed (official: 1e-4)")
-    group.add_argument("--d-betas", type=float, nargs=2, default=(0.9, 0.99), metavar=("B1", "B2"),
+    group.add_argument("--fada-d-lr", type=common.positive_float, default=1e-4,
+                       help="discriminator Adam LR, poly-decayed (official BASE_LR_D: 1e-4)")
+    group.add_argument("--fada-d-betas", type=common.nonnegative_float, nargs=2, default=(0.9, 0.99),
+                       metavar=("B1", "B2"),
                        help="discriminator Adam betas (official: 0.9 0.99)")
-    group.add_argument("--d-width", type=int, default=256,
+    group.add_argument("--fada-d-width", type=common.positive_int, default=256,
                        help="channels of the discriminator's first conv, the second has half (official ndf: 256)")
-    group.add_argument("--color-jitter", type=float, nargs=4, default=(0.5, 0.5, 0.5, 0.2),
-                       metavar=("B", "C", "S", "H"),
+    group.add_argument("--fada-color-jitter", type=common.nonnegative_float, nargs=4,
+                       default=(0.5, 0.5, 0.5, 0.2), metavar=("B", "C", "S", "H"),
                        help="source brightness, contrast, saturation, hue jitter (official: 0.5 0.5 0.5 0.2; "
                             "0 0 0 0 disables)")
 

@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # MiT variants (SegFormer's mit_b0 / mit_b5 classes): embed dims, heads, depths, spatial-reduction ratios.
 MIT_CONFIGS = {
@@ -141,11 +142,17 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class MixVisionTransformer(nn.Module):
-    """The MiT encoder: four stages at strides 4, 8, 16, 32; returns the four maps (B, C_i, H_i, W_i)."""
+    """The MiT encoder: four stages at strides 4, 8, 16, 32; returns the four maps (B, C_i, H_i, W_i).
 
-    def __init__(self, embed_dims, num_heads, depths, drop_path_rate=DROP_PATH_RATE):
+    grad_checkpoint: in train mode with gradients on, each transformer block's activations are recomputed
+    in backward instead of stored (torch.utils.checkpoint, non-reentrant: the forward's RNG state is
+    replayed, so drop-path draws the same masks). The encoder has no BatchNorm (LayerNorm only), so the
+    recomputation changes no running statistics.
+    """
+
+    def __init__(self, embed_dims, num_heads, depths, drop_path_rate=DROP_PATH_RATE, grad_checkpoint=False):
         super().__init__()
-        self.embed_dims = tuple(embed_dims)
+        self.embed_dims, self.grad_checkpoint = tuple(embed_dims), grad_checkpoint
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
         in_ch, first = 3, 0
         for i in range(4):
@@ -174,9 +181,13 @@ class MixVisionTransformer(nn.Module):
     def stage(self, i, x):
         """Run stage i (1-based) on a (B, C, H, W) map; returns (B, C_i, H', W')."""
         B = x.shape[0]
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         x, H, W = getattr(self, f"patch_embed{i}")(x)
         for block in getattr(self, f"block{i}"):
-            x = block(x, H, W)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, H, W, use_reentrant=False)  # (B, H*W, C_i)
+            else:
+                x = block(x, H, W)
         x = getattr(self, f"norm{i}")(x)
         return x.transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H, W)
 

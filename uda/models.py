@@ -11,6 +11,12 @@
 - `encoder_features(images)`: the deepest encoder feature map (DeepLab: layer4, VGG: fc7; MiT: stage 4 at
   stride 32), used by DAFormer's feature distance against a frozen ImageNet copy of the same backbone.
 
+Gradient checkpointing (--grad-checkpoint, `build_model(..., grad_checkpoint=True)`): in train mode with
+gradients on, the backbone's blocks (ResNet stem and bottlenecks, VGG conv groups and fc6-fc7, MiT
+transformer blocks, the tiny network's conv blocks) keep only their inputs and recompute their activations
+in backward; the heads are not recomputed. Same losses, gradients and BN running statistics (the
+recomputation's second BN update is undone); drop-path masks and autocast dtypes are replayed.
+
 Backbones (--backbone), facts in shared/reference/conventions.md section 2 and dida.md section 1:
   tiny                  toy/test network (features 64-d, stride 8), trainable BN, random init
   deeplabv2-r101        torchvision-style ResNet-101 (stride in the 3x3, replace_stride_with_dilation:
@@ -42,10 +48,12 @@ Deviations:
   FADA's copy uses w * rsqrt(var) with no eps, which only differs for near-zero variances (and is inf at 0).
 """
 import argparse
+import contextlib
 import os
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from uda import common, mit
 from uda.common import UserError
@@ -129,6 +137,51 @@ def freeze_batchnorm(module):
     return module
 
 
+# --------------------------------------------------------------------------------------------------
+# Gradient checkpointing (--grad-checkpoint): backbone activations recomputed in backward
+# --------------------------------------------------------------------------------------------------
+class RestoreBatchNormStatistics:
+    """Context that puts back the running statistics of the BatchNorms in `module` as they were on entry.
+
+    Entered around a checkpointed segment's recomputation: trainable BN in train mode normalises with
+    the batch's statistics (so the recomputed output is the forward's), but it would also update
+    running_mean / running_var / num_batches_tracked a second time. A class, not a generator, so the
+    same context can be entered again when a graph is back-propagated twice (retain_graph)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.saved = [(buf, buf.clone()) for m in self.module.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+        self.saved = []
+        return False
+
+
+def recomputing(module):
+    """Checkpoint now? Only when asked for, in train mode and while autograd records a graph (an eval or
+    no_grad forward stores no activations anyway)."""
+    return module.grad_checkpoint and module.training and torch.is_grad_enabled()
+
+
+def segment(fn, x, recompute, bn=None):
+    """fn(x); with `recompute`, through torch.utils.checkpoint: fn's activations are freed after the
+    forward and recomputed in backward. Non-reentrant checkpointing replays the forward's RNG state
+    (same dropout / drop-path masks) and autocast state (same dtypes). `bn`: the module holding fn's
+    BatchNorms (None: fn has none), whose running statistics the recomputation must not update again."""
+    if not recompute:
+        return fn(x)
+    recompute_context = contextlib.nullcontext() if bn is None else RestoreBatchNormStatistics(bn)
+    return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), recompute_context))
+
+
 class ASPPClassifier(nn.Module):
     """DeepLab-v2 classifier: parallel 3x3 convs with dilation = padding = rate, outputs SUMMED.
 
@@ -168,9 +221,10 @@ class TinyDeepLab(nn.Module):
     output_stride = 8
     new_layers = ("classifier.",)
 
-    def __init__(self, num_classes, width=32, feature_dim=64):
+    def __init__(self, num_classes, width=32, feature_dim=64, grad_checkpoint=False):
         super().__init__()
         self.num_classes, self.feature_dim = num_classes, feature_dim
+        self.grad_checkpoint = grad_checkpoint
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.backbone = nn.Sequential(
@@ -183,13 +237,15 @@ class TinyDeepLab(nn.Module):
         self.classifier = ASPPClassifier(feature_dim, num_classes, rates=(1, 2, 3, 4))
 
     def forward(self, images, with_encoder=False):
-        x = (images - self.mean) / self.std
-        features = self.backbone(x)            # (B, D, H/8, W/8), >= 0 after ReLU like layer4
-        logits = self.classifier(features)     # (B, C, H/8, W/8)
+        features = self.encoder_features(images)  # (B, D, H/8, W/8), >= 0 after ReLU like layer4
+        logits = self.classifier(features)        # (B, C, H/8, W/8)
         return (features, logits, features) if with_encoder else (features, logits)
 
     def encoder_features(self, images):
-        return self.backbone((images - self.mean) / self.std)
+        x, recompute = (images - self.mean) / self.std, recomputing(self)
+        for block in self.backbone:  # conv-BN-ReLU blocks, each recomputed in backward under --grad-checkpoint
+            x = segment(block, x, recompute, bn=block)
+        return x
 
     def param_groups(self, head_lr_mult):
         return [{"params": list(self.backbone.parameters()), "lr_mult": 1.0},
@@ -232,8 +288,9 @@ class DilatedResNet(nn.Module):
     max-pool, dilation 2 in every block of layer3 and 4 in every block of layer4 (DeepLab-v2 / AdaptSegNet).
     """
 
-    def __init__(self, depths, style):
+    def __init__(self, depths, style, grad_checkpoint=False):
         super().__init__()
+        self.grad_checkpoint = grad_checkpoint
         caffe = style == "caffe"
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -251,10 +308,17 @@ class DilatedResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
-        x = self.layer2(self.layer1(x))                       # (B, 512, H/8, W/8)
-        return self.layer4(self.layer3(x))                    # (B, 2048, H/8, W/8), after ReLU
+        # --grad-checkpoint: the stem and each bottleneck are recomputed in backward, one at a time (per
+        # block rather than per layer: layer3 alone holds most of the activations of a ResNet-101)
+        recompute = recomputing(self)
+        x = segment(self.stem, x, recompute, bn=self.bn1)         # (B, 64, H/4, W/4)
+        for block in (*self.layer1, *self.layer2, *self.layer3, *self.layer4):
+            x = segment(block, x, recompute, bn=block)
+        return x                                                  # (B, 2048, H/8, W/8), after ReLU
 
 
 # torchvision vgg16.features layout: 'C' = 3x3 conv + ReLU, 'M' = 2x2 max-pool
@@ -268,13 +332,15 @@ class DilatedVGG16(nn.Module):
     keeps torchvision's numbering), conv5_x dilation = padding = 2, then fc6 / fc7: 3x3 convs with
     dilation 4 to 1024 channels + ReLU (new layers, no dropout), as FADA / AdaptSegNet."""
 
-    def __init__(self):
+    def __init__(self, grad_checkpoint=False):
         super().__init__()
-        layers, in_ch, pools = [], 3, 0
+        self.grad_checkpoint = grad_checkpoint
+        layers, in_ch, pools, self.block_ends = [], 3, 0, []
         for v in VGG16_LAYOUT:
             if v == "M":
                 pools += 1
                 layers.append(nn.MaxPool2d(2, 2) if pools <= 3 else nn.Identity())  # drop pool4, pool5
+                self.block_ends.append(len(layers))                                  # conv{pools}_x ends
             else:
                 dilation = 2 if pools == 4 else 1                                     # conv5_x
                 layers += [nn.Conv2d(in_ch, v, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
@@ -285,9 +351,16 @@ class DilatedVGG16(nn.Module):
                              dilation=VGG_FC_DILATION)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x):
-        x = self.features(x)                                 # (B, 512, H/8, W/8)
+    def fc(self, x):
         return self.relu(self.fc7(self.relu(self.fc6(x))))   # (B, 1024, H/8, W/8)
+
+    def forward(self, x):
+        # --grad-checkpoint: conv1_x .. conv5_x (each with its pool) and fc6-fc7 recomputed in backward
+        recompute, start = recomputing(self), 0
+        for end in self.block_ends:
+            x = segment(self.features[start:end], x, recompute)  # ends (B, 512, H/8, W/8) after conv5_x
+            start = end
+        return segment(self.fc, x, recompute)                    # (B, 1024, H/8, W/8)
 
 
 class DeepLabV2(nn.Module):
@@ -322,11 +395,11 @@ class MiTDAFormer(nn.Module):
     output_stride = 4
     new_layers = ("decode_head.",)
 
-    def __init__(self, variant, num_classes):
+    def __init__(self, variant, num_classes, grad_checkpoint=False):
         super().__init__()
         self.num_classes, self.feature_dim = num_classes, mit.DAFORMER_CHANNELS
         self.normalize = InputNorm("imagenet-rgb")
-        self.backbone = mit.MixVisionTransformer(**mit.MIT_CONFIGS[variant])
+        self.backbone = mit.MixVisionTransformer(**mit.MIT_CONFIGS[variant], grad_checkpoint=grad_checkpoint)
         self.decode_head = mit.DAFormerHead(self.backbone.embed_dims, num_classes)
 
     def forward(self, images, with_encoder=False):
@@ -364,20 +437,24 @@ def resolve_bn(backbone, bn):
     return bn
 
 
-def build_model(backbone, num_classes, bn="auto"):
-    """Construct `backbone` with a `num_classes` head, randomly initialised (weights: see load_pretrained)."""
+def build_model(backbone, num_classes, bn="auto", grad_checkpoint=False):
+    """Construct `backbone` with a `num_classes` head, randomly initialised (weights: see load_pretrained).
+
+    grad_checkpoint: the backbone's blocks recompute their activations in backward instead of storing
+    them (training memory for time; same losses and gradients). Not saved: it only matters when training.
+    """
     if backbone == "tiny":
-        model = TinyDeepLab(num_classes)
+        model = TinyDeepLab(num_classes, grad_checkpoint=grad_checkpoint)
     elif backbone in ("deeplabv2-r101", "deeplabv2-r101-caffe", "deeplabv2-r50"):
         depths = (3, 4, 6, 3) if backbone == "deeplabv2-r50" else (3, 4, 23, 3)
         caffe = backbone.endswith("-caffe")
-        model = DeepLabV2(DilatedResNet(depths, "caffe" if caffe else "torchvision"), 2048, num_classes,
-                          "caffe-bgr-deeplab" if caffe else "imagenet-rgb")
+        model = DeepLabV2(DilatedResNet(depths, "caffe" if caffe else "torchvision", grad_checkpoint), 2048,
+                          num_classes, "caffe-bgr-deeplab" if caffe else "imagenet-rgb")
     elif backbone == "deeplabv2-vgg16":
-        model = DeepLabV2(DilatedVGG16(), VGG_FC_CHANNELS, num_classes, "caffe-bgr-vgg",
+        model = DeepLabV2(DilatedVGG16(grad_checkpoint), VGG_FC_CHANNELS, num_classes, "caffe-bgr-vgg",
                           new_layers=("classifier.", "backbone.fc6.", "backbone.fc7."))
     elif backbone in mit.MIT_CONFIGS:
-        model = MiTDAFormer(backbone, num_classes)
+        model = MiTDAFormer(backbone, num_classes, grad_checkpoint)
     else:
         raise UserError(f"--backbone {backbone!r}: unknown (expected one of {', '.join(BACKBONES)})")
     model.bn_mode = resolve_bn(backbone, bn)

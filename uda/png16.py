@@ -70,6 +70,8 @@ def _chunks(data, name):
 
 def decode_png(data, name="<bytes>"):
     """Decode PNG bytes; see read_png."""
+    if not data:
+        raise UserError(f"{name}: empty file (0 bytes)")
     if data[:8] != PNG_SIGNATURE:
         raise UserError(f"{name}: not a PNG file (bad signature)")
     header, idat = None, []

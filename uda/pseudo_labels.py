@@ -5,7 +5,8 @@
 
 The checkpoint's model is run over the target TRAIN split, whose labels are never read (the dataset is
 built with labeled=False). Each image is resized to the evaluation input size (Cityscapes 1024x512),
-its logits are upsampled bilinearly to the image's own resolution (2048x1024), softmax, and:
+its logits are upsampled bilinearly (with the checkpoint's --align-corners, as its evaluation) to the
+image's own resolution (2048x1024), softmax, and:
 
 - argmax (FADA, official test.py --saveres, arXiv 2007.09222): y = argmax_c p_c, no threshold, no flip.
 - classwise (SDCA, arXiv 2105.05013, which follows BDL / IntraDA): a first pass collects, for every
@@ -18,8 +19,9 @@ its logits are upsampled bilinearly to the image's own resolution (2048x1024), s
 
 Output: DIR/<dataset.item_name(i)>.png, uint8 class indices of the model's label space (255 = ignore;
 indices, not Cityscapes trainIds: a 16-class SYNTHIA model writes 0..15), DIR/labelspace.json =
-{"trainids", "eval_sets"} so that `train.py --source <dataset> --pseudo-dir DIR` trains in the same label
-space, and DIR/pseudo.json with the rule, thresholds and per-class label fractions.
+{"trainids", "eval_sets"[, "class_names", "palette"]} (LabelSpace.to_record) so that
+`train.py --source <dataset> --pseudo-dir DIR` trains in the same label space, and DIR/pseudo.json with
+the rule, thresholds, align_corners and per-class label fractions.
 
 Streaming: nothing but a (C, bins) histogram of the first pass is kept (the official code np.appends
 every probability of 2,975 images to RAM: ~18 GB). The median is read from the histogram, so it is
@@ -120,36 +122,39 @@ def hard_labels(probs, thresholds=None):
 # --------------------------------------------------------------------------------------------------
 # The streaming generator
 # --------------------------------------------------------------------------------------------------
-def shard(dataset, limit=None):
-    """This rank's share of the first `limit` items: every world_size-th index."""
-    total = len(dataset) if limit is None else min(limit, len(dataset))
-    return torch.utils.data.Subset(dataset, list(range(common.rank(), total, common.world_size())))
-
-
-def generate(model, dataset, space, out_dir, rule, device, predict_probs, autocast, input_size=None,
-             cap=CLASSWISE_CAP, bins=HISTOGRAM_BINS, batch_size=1, workers=0, limit=None, log=print):
-    """Write pseudo-labels of `dataset` (unlabelled items) into out_dir; returns the summary dict.
-
-    predict_probs(model, images, label_size, input_size, autocast) -> (B, C, H, W) fp32 softmax at
-    label_size: evaluate.py's function, passed in so both use one protocol. input_size: (width, height)
-    the images are resized to before the forward (None: their own size).
-    """
+def check_flags(rule, cap, bins, limit=None):
+    """The pseudo-label settings a user can get wrong, as one-line errors naming the flag."""
     if rule not in RULES:
         raise UserError(f"--pseudo-rule {rule!r}: expected one of {', '.join(RULES)}")
     if not 0.0 < cap <= 1.0:
         raise UserError(f"--pseudo-cap {cap}: expected a probability in (0, 1]")
     if bins < 2:
         raise UserError(f"--pseudo-bins {bins}: expected at least 2 bins")
+    if limit is not None and limit < 1:
+        raise UserError(f"--pseudo-limit {limit}: expected a positive number of images")
+
+
+def generate(model, dataset, space, out_dir, rule, device, predict_probs, autocast, input_size=None,
+             cap=CLASSWISE_CAP, bins=HISTOGRAM_BINS, batch_size=1, workers=0, limit=None, log=print,
+             align_corners=False):
+    """Write pseudo-labels of `dataset` (unlabelled items) into out_dir; returns the summary dict.
+
+    predict_probs(model, images, label_size, input_size, autocast, align_corners=...) -> (B, C, H, W)
+    fp32 softmax at label_size: uda/evaluation.py's function, passed in so both use one protocol.
+    input_size: (width, height) the images are resized to before the forward (None: their own size).
+    align_corners: of the logit upsampling, the checkpoint's (its --align-corners).
+    """
+    check_flags(rule, cap, bins, limit)
     num_classes = space.num_classes
     os.makedirs(out_dir, exist_ok=True)
-    loader = torch.utils.data.DataLoader(shard(dataset, limit), batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(common.shard(dataset, limit), batch_size=batch_size, num_workers=workers)
     was_training = model.training
     model.eval()
 
     def probs_of(batch, full):
         images = batch["image"].to(device)                                  # (B, 3, H, W)
         size = images.shape[-2:] if full or input_size is None else (input_size[1], input_size[0])
-        return predict_probs(model, images, size, input_size, autocast)     # (B, C, *size)
+        return predict_probs(model, images, size, input_size, autocast, align_corners=align_corners)  # (B, C, *size)
 
     thresholds = None
     if rule == "classwise":  # pass 1: class-wise confidence histograms, summed over ranks
@@ -177,34 +182,31 @@ def generate(model, dataset, space, out_dir, rule, device, predict_probs, autoca
     summary = {"rule": rule, "images": written, "num_classes": num_classes,
                "thresholds": thresholds.tolist() if thresholds is not None else None,
                "cap": cap if rule == "classwise" else None, "bins": bins if rule == "classwise" else None,
+               "align_corners": align_corners,
                "class_fraction": dict(zip(space.names, fraction[:num_classes])), "ignored_fraction": fraction[-1]}
     if common.is_main_process():
         with open(os.path.join(out_dir, "labelspace.json"), "w") as f:
-            json.dump({"trainids": space.trainids, "eval_sets": space.eval_sets}, f)
+            json.dump(space.to_record(), f)
         with open(os.path.join(out_dir, "pseudo.json"), "w") as f:
             json.dump(summary, f, indent=2)
         log(f"wrote {written} pseudo-labels ({rule}) to {out_dir}; ignored pixels {100 * fraction[-1]:.1f}%")
     return summary
 
 
-def run(args, model, saved, space, target, device, predict_probs):
-    """evaluate.py --save-pseudo: label `target`'s train split with the checkpoint's model (saved: its args)."""
-    if args.pseudo_limit is not None and args.pseudo_limit < 1:
-        raise UserError(f"--pseudo-limit {args.pseudo_limit}: expected a positive number of images")
-    dataset = datasets.build_dataset(target, "train", space, root=datasets.checkpoint_root(target, args.data_root, saved),
-                                     labeled=False)  # the target's labels are never read
-    input_size = common.parse_size(args.input_size, "--input-size") if args.input_size else \
-        datasets.default_eval_size(target)
+def run(args, model, saved, space, target, root, input_size, device, predict_probs):
+    """evaluate.py --save-pseudo: label `target`'s train split (its folder `root`; None for the toy) with the
+    checkpoint's model (saved: its args), images resized to input_size (width, height; None: native)."""
+    dataset = datasets.build_dataset(target, "train", space, root=root, labeled=False)  # labels never read
+    align_corners = bool(getattr(saved, "align_corners", False))  # old checkpoints: the former default
     if common.is_main_process():
-        os.makedirs(args.save_pseudo, exist_ok=True)
         size_text = f"{input_size[0]}x{input_size[1]}" if input_size else "native"
-        print(f"pseudo-labels ({args.pseudo_rule}) of {target} train ({len(dataset)} images, input {size_text}) "
-              f"from {args.ckpt}", flush=True)
+        print(f"pseudo-labels ({args.pseudo_rule}) of {target} train ({len(dataset)} images, input {size_text}, "
+              f"align_corners {align_corners}) from {args.ckpt}", flush=True)
     log = (lambda text: print(text, flush=True)) if common.is_main_process() else (lambda text: None)
     return generate(model, dataset, space, args.save_pseudo, args.pseudo_rule, device, predict_probs,
                     lambda: common.autocast(device, args.amp), input_size=input_size, cap=args.pseudo_cap,
                     bins=args.pseudo_bins, batch_size=args.batch_size, workers=args.workers,
-                    limit=args.pseudo_limit, log=log)
+                    limit=args.pseudo_limit, log=log, align_corners=align_corners)
 
 
 def add_arguments(parser):
@@ -217,7 +219,7 @@ def add_arguments(parser):
                        help="argmax: FADA (every pixel labelled); classwise: SDCA (255 below min(class median, cap))")
     group.add_argument("--pseudo-cap", type=float, default=CLASSWISE_CAP,
                        help="classwise: upper bound of every class threshold (SDCA/IntraDA: 0.9)")
-    group.add_argument("--pseudo-bins", type=int, default=HISTOGRAM_BINS,
+    group.add_argument("--pseudo-bins", type=common.positive_int, default=HISTOGRAM_BINS,
                        help="classwise: histogram bins of max-probability; the median is exact to 1/bins")
-    group.add_argument("--pseudo-limit", type=int, default=None, metavar="N",
+    group.add_argument("--pseudo-limit", type=common.positive_int, default=None, metavar="N",
                        help="label only the first N images of the split (smoke tests)")

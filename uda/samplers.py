@@ -35,6 +35,11 @@ Deviations (from the official code):
   get probability 0 (FADA would fail on them).
 - RCS: classes with pixels but no image above --rcs-min-pixels are dropped before the softmax
   (DAFormer asserts that none exist).
+
+Any label space works, a folder dataset's own classes included: the counts have one column per class of
+the model's space (space.num_classes), and neither sampler assumes Cityscapes classes (DAFormer's thing
+classes belong to its feature distance, uda/daformer.py, not to RCS). An empty source dataset is
+refused with one line instead of a ZeroDivisionError deep inside a sub-epoch.
 """
 import hashlib
 import json
@@ -143,7 +148,13 @@ def default_cache_path(args, dataset, space):
     items = getattr(dataset, "items", None)
     origin = os.path.abspath(items[0][1]) if items else f"toy seed {dataset.seed} {dataset.pseudo_dir}"
     names = [dataset.item_name(i) for i in range(len(dataset))]
-    identity = json.dumps([args.source, origin, space.trainids, names])
+    key_parts = [args.source, origin, space.trainids, names]
+    # a folder dataset's label values also depend on its classes.json (class names, label_map): part of
+    # the key, so editing it recomputes the statistics; absent for the benchmarks (their keys unchanged)
+    label_key = getattr(dataset, "label_key", None)
+    if label_key is not None:
+        key_parts.append(label_key)
+    identity = json.dumps(key_parts)
     key = hashlib.sha1(identity.encode()).hexdigest()[:10]
     return os.path.join(os.path.dirname(os.path.abspath(args.out)), f"class_stats_{args.source}_{key}.json")
 
@@ -151,10 +162,21 @@ def default_cache_path(args, dataset, space):
 # --------------------------------------------------------------------------------------------------
 # Samplers
 # --------------------------------------------------------------------------------------------------
+def refuse_empty(counts, kind):
+    """Both samplers draw images by class: without an image (N = 0) or a class column there is nothing
+    to draw (the draws would divide by zero); say so in one line."""
+    shape = np.shape(counts)
+    if len(shape) != 2 or shape[0] == 0:
+        raise UserError(f"--source-sampler {kind}: the source dataset holds no images")
+    if shape[1] == 0:
+        raise UserError(f"--source-sampler {kind}: the label space has no classes")
+
+
 class ClassBalancedSampler(torch.utils.data.Sampler):
     """FADA's class-balanced source sampler; yields (index, draw). counts: (N, C) per-image class pixels."""
 
     def __init__(self, counts, seed, start_draw=0, sub_epoch=CB_SUB_EPOCH):
+        refuse_empty(counts, "class-balanced")
         self.present = np.asarray(counts) > 0  # (N, C)
         self.files_of = [np.flatnonzero(self.present[:, c]) for c in range(self.present.shape[1])]
         self.usable = np.array([len(f) > 0 for f in self.files_of])  # (C,)
@@ -206,6 +228,7 @@ def rcs_probabilities(counts, temperature, min_pixels):
     classes: the classes that can be sampled (pixels in the data and an image with > min_pixels of
     them); probabilities: softmax((1 - f_c) / T) over them (float64); files_of[c]: those images.
     """
+    refuse_empty(counts, "rcs")
     counts = np.asarray(counts, dtype=np.int64)
     totals = counts.sum(0).astype(np.float64)  # (C,)
     freq = totals / max(totals.sum(), 1.0)  # f_c
@@ -242,6 +265,8 @@ def build_source_sampler(args, dataset, space, start_draw):
     kind = getattr(args, "source_sampler", "uniform")
     if kind == "uniform":
         return None
+    if len(dataset) == 0:  # before computing (and caching) statistics of nothing
+        raise UserError(f"--source-sampler {kind}: the source dataset {args.source} holds no images")
     if kind == "rcs" and args.rcs_temperature <= 0:
         raise UserError(f"--rcs-temperature {args.rcs_temperature}: expected a positive number")
     counts = class_statistics(dataset, space.num_classes, default_cache_path(args, dataset, space), args.workers)

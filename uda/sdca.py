@@ -1,9 +1,13 @@
 """SDCA: pixel contrastive adaptation guided by per-class Gaussian statistics, with its estimator.
 
+Copy with: uda/common.py, uda/augment.py, uda/source_only.py (the `init` command at the end also imports
+uda/evaluation.py, uda/datasets.py and uda/models.py, inside `init_main`).
+
 Shuang Li, Binhui Xie, Bin Zang, Chi Harold Liu, Xinjing Cheng, Ruigang Yang, Guoren Wang,
 "Semantic Distribution-aware Contrastive Adaptation for Semantic Segmentation", arXiv 2105.05013 (2021).
 Official code: https://github.com/BIT-DA/SDCA, commit d00e7ba (train_sdca.py, core/utils/loss.py,
-core/utils/semantic_dist_estimator.py, semantic_dist_init.py) read for every detail below.
+core/utils/semantic_dist_estimator.py, core/datasets/build.py, semantic_dist_init.py, configs/) read
+for every detail below.
 
 Symbols. F: backbone features at the output stride, one row per pixel, (N, D); O: classifier logits at
 the same stride, (N, K), before upsampling; y_s: source labels nearest-downsampled to the feature size;
@@ -31,48 +35,60 @@ source set resized to its training size (GTA5 1280x720), as official semantic_di
 (`python -m uda.sdca init`, loaded with --sdca-init-stats), or, without it, empty: the first batch that
 contains a class sets its statistics (w = 1) and later batches pool in.
 
+Source augmentation (source batch only; the target is not augmented), in the official order of
+core/datasets/build.py, with torchvision's semantics (uda/augment.py) and the method's generator:
+    x_s <- blur_{k, sigma}( gray_p( jitter_{b, c, s, h}(x_s) ) )
+jitter: ColorJitter(b, c, s, h), always applied [--sdca-jitter, official 0.5 0.5 0.5 0.2]; gray_p:
+RandomGrayscale(p) [--sdca-grayscale, 0.2]; blur: k x k Gaussian, sigma ~ U(MIN, MAX), always applied
+[--sdca-blur-kernel 3, --sdca-blur-sigma 0.1 2]. --sdca-augment off skips all three.
+
 Total objective of the SDCA stage (flags in brackets):
     L = CE(up(O_s), y_s) + lambda_lovasz Lovasz(softmax(up(O_s)), y_s)                  [--lovasz-weight]
         + lambda_feat [ L_pcl(F_s, y_s) + L_pcl(F_t, yhat_t) ]                           [--sdca-lambda-feat]
         + lambda_out  [ L_pcl(O_s, y_s) + L_pcl(O_t, yhat_t) ]                           [--sdca-lambda-out]
-with tau [--sdca-tau], delta [--sdca-delta]. L_feat reaches only the backbone (F comes before the
-classifier); L_out and the source losses reach both. The source batch is augmented on the fly:
-colour jitter (brightness, contrast, saturation, hue) = (0.5, 0.5, 0.5, 0.2) in random order,
-grayscale with p = 0.2, 3x3 Gaussian blur with sigma ~ U(0.1, 2) (torchvision semantics, in torch).
+with tau [--sdca-tau], delta [--sdca-delta]; up(.) bilinear with align_corners [--align-corners, True
+as official]. L_feat reaches only the backbone (F comes before the classifier); L_out and the source
+losses reach both. A term whose lambda is 0 is neither computed nor logged.
 
-Recipe (README): source-only with --lovasz-weight 0.75 -> `init` -> this stage (62,500 schedule stopped
-at 40,000, backbone LR 2.5e-4) -> class-wise pseudo-labels (evaluate.py --save-pseudo) -> `selftrain`.
+Pipeline (official train_with_ssl.sh): source-only warm-up (`--method source_only --lovasz-weight 0.75
+--align-corners`, LR 5e-4, 31,250-iteration schedule stopped at 20,000) -> `python -m uda.sdca init` ->
+this stage (RECIPE below) -> class-wise pseudo-labels (evaluate.py --save-pseudo --pseudo-rule
+classwise) -> `selftrain` on the pseudo-labels.
 
-DDP: the per-class batch sums are all-reduced before every update, so all ranks hold identical
-statistics (the `init` pass reduces its per-rank statistics once at the end). Gradients are averaged
-explicitly by common.optimizer_step, as for every method.
+Under torchrun the per-class batch sums are all-reduced before every update (the `init` pass reduces
+once at the end), so all ranks hold identical statistics; gradients: see common.optimizer_step.
 
 Deviations (from the official code):
 - Statistics are all-reduced across ranks (official: one estimator per GPU, its gather left unused).
 - Statistics are buffers saved in checkpoints and restored on resume (official: not saved).
 - The update uses matrix products onehot^T X and onehot^T (X - m_y)^2: O(N*D + K*D) memory in fp32,
-  the same numbers to float rounding (official: several N x K x D tensors, 2.24 GB each at N = 14,400,
-  K = 19, D = 2048). Centred second moments instead of E[x^2] - m^2 avoid cancellation in fp32.
+  the same numbers to float rounding (official: several N x K x D tensors). Centred second moments
+  instead of E[x^2] - m^2 avoid cancellation in fp32.
 - Counts are float64 (official fp32 stops counting exactly after 2^24 pixels of a class).
-- Source logits are upsampled with align_corners=False for CE/Lovasz (official True): the project's
-  one convention (uda/source_only.supervised_loss).
-- Diagonal covariance only. A full covariance would hold K x D x D = 319 MB (K = 19, D = 2048) and cost
-  N*K*D^2 ~ 1.1e12 multiply-adds per L_pcl call (four per iteration) plus N*D^2 per update: more than
-  the whole network step, which is why the official code keeps the diagonal; no --sdca-cov option.
+- Source augmentation runs on the float batch in torch, after the loader, instead of on PIL images in
+  the loader: no rounding to 8 bits between the three operations; the draws come from the method's
+  checkpointed generator, so a resumed run augments exactly as an uninterrupted one.
+- Upsampling: none left. Logits are upsampled with align_corners=True wherever the official code
+  upsamples them (the CE/Lovasz of this stage, train.py's evaluation and evaluate.py's pseudo-labels,
+  which read it from the checkpoint); the contrastive losses and this stage's target pseudo-labels work
+  at the feature stride, as official. The warm-up matches only when run with --align-corners
+  (source_only's default is False).
+- From the paper's full covariance Sigma_k (as the official code): diagonal only. A full one needs
+  K x D x D statistics and N*K*D^2 multiply-adds per L_pcl call (four per iteration), more than the whole
+  network step; no --sdca-cov option.
 """
-import argparse
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from uda import common
-from uda.common import IGNORE_INDEX, UserError, optimizer_step, sgd
+from uda import augment, common
+from uda.common import IGNORE_INDEX, UserError, downsample_labels, optimizer_step, sgd
 from uda.source_only import supervised_loss
 
 GAUSSIAN_MGF_HALF = 0.5  # E exp(t.m) = exp(t.mu + 1/2 t^T Sigma t) for m ~ N(mu, Sigma): the bound's 1/2
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+STREAM = 6               # this method's random stream number (common.method_generator)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,11 +122,6 @@ def flatten_pixels(x):
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])        # (N, D)
 
 
-def downsample_labels(labels, size):
-    """Nearest downsampling of (B, H, W) int64 labels to size = (h, w), as the official code."""
-    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()  # (B, h, w)
-
-
 @torch.no_grad()
 def confident_pseudo_labels(logits, delta):
     """argmax of softmax(logits) (B, K, h, w) -> (B, h, w); 255 where the max probability < delta."""
@@ -121,9 +132,6 @@ def confident_pseudo_labels(logits, delta):
 # --------------------------------------------------------------------------------------------------
 # Class statistics: exact pooled mean / diagonal variance, buffers, all-reduced under DDP
 # --------------------------------------------------------------------------------------------------
-RECIPE = {}
-
-
 class ClassStatistics(nn.Module):
     """Per-class mean (K, D), biased diagonal variance (K, D) in fp32 and pixel count (K,) in fp64.
 
@@ -194,93 +202,31 @@ class ClassStatistics(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Source augmentation of the SDCA stage, on the batch (torchvision semantics, no torchvision)
-# --------------------------------------------------------------------------------------------------
-def grayscale(image):
-    """(3, H, W) RGB -> (1, H, W) luma."""
-    r, g, b = image.unbind(0)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b)[None]
-
-
-def blend(image, other, factor):
-    return (factor * image + (1 - factor) * other).clamp(0.0, 1.0)
-
-
-def adjust_hue(image, shift):
-    """Rotate the hue of a (3, H, W) RGB image in [0, 1] by `shift` turns (torchvision's HSV round trip)."""
-    r, g, b = image.unbind(0)
-    maxc, minc = image.max(0).values, image.min(0).values                       # (H, W)
-    flat = maxc == minc
-    chroma = maxc - minc
-    ones = torch.ones_like(maxc)
-    sat = chroma / torch.where(flat, ones, maxc)
-    chroma = torch.where(flat, ones, chroma)
-    rc, gc, bc = (maxc - r) / chroma, (maxc - g) / chroma, (maxc - b) / chroma
-    hue = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-           + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
-    hue = torch.remainder(hue / 6.0 + shift, 1.0)                               # (H, W) in turns
-    sector = torch.floor(hue * 6.0)
-    frac = hue * 6.0 - sector
-    sector = sector.long() % 6
-    p = (maxc * (1 - sat)).clamp(0.0, 1.0)
-    q = (maxc * (1 - sat * frac)).clamp(0.0, 1.0)
-    t = (maxc * (1 - sat * (1 - frac))).clamp(0.0, 1.0)
-    table = torch.stack([torch.stack(c) for c in ((maxc, q, p, p, t, maxc), (t, maxc, maxc, q, p, p),
-                                                   (p, p, t, maxc, maxc, q))])  # (3, 6, H, W)
-    return table.gather(1, sector[None, None].expand(3, 1, -1, -1))[:, 0]      # (3, H, W)
-
-
-def gaussian_blur(image, kernel_size, sigma):
-    """Blur (3, H, W) with a kernel_size x kernel_size Gaussian of std sigma, reflect padding."""
-    half = (kernel_size - 1) / 2
-    x = torch.linspace(-half, half, kernel_size, device=image.device)
-    k1 = torch.exp(-(x / sigma) ** 2 / 2)
-    k1 = k1 / k1.sum()                                                          # (k,)
-    kernel = (k1[:, None] * k1[None, :]).expand(3, 1, kernel_size, kernel_size)  # (3, 1, k, k)
-    pad = kernel_size // 2
-    padded = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(padded, kernel.to(image.dtype), groups=3)[0]
-
-
-def uniform(low, high, u):
-    """Map u ~ U(0, 1) to U(low, high)."""
-    return low + (high - low) * u
-
-
-def augment_source(images, generator, jitter, gray_p, blur_kernel, blur_sigma):
-    """Colour jitter (random order), random grayscale, Gaussian blur on (B, 3, H, W) RGB in [0, 1].
-
-    jitter = (brightness, contrast, saturation, hue) ranges as torchvision's ColorJitter; blur_kernel 0
-    disables the blur. Random draws come from the CPU `generator` (its state is checkpointed).
-    """
-    assert images.dim() == 4 and images.shape[1] == 3
-    brightness, contrast, saturation, hue = jitter
-    out = []
-    for image in images:  # a few images per GPU: per-image parameters, pixel work vectorised
-        u = torch.rand(6, generator=generator).tolist()
-        factors = [uniform(max(0.0, 1 - brightness), 1 + brightness, u[0]),
-                   uniform(max(0.0, 1 - contrast), 1 + contrast, u[1]),
-                   uniform(max(0.0, 1 - saturation), 1 + saturation, u[2]), uniform(-hue, hue, u[3])]
-        for op in torch.randperm(4, generator=generator).tolist():
-            if op == 0 and brightness > 0:
-                image = blend(image, torch.zeros_like(image), factors[0])
-            elif op == 1 and contrast > 0:
-                image = blend(image, grayscale(image).mean(), factors[1])
-            elif op == 2 and saturation > 0:
-                image = blend(image, grayscale(image), factors[2])
-            elif op == 3 and hue > 0:
-                image = adjust_hue(image, factors[3])
-        if u[4] < gray_p:
-            image = grayscale(image).expand(3, -1, -1)
-        if blur_kernel > 0:
-            image = gaussian_blur(image, blur_kernel, uniform(blur_sigma[0], blur_sigma[1], u[5]))
-        out.append(image)
-    return torch.stack(out)                                                     # (B, 3, H, W)
-
-
-# --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
+# The SDCA stage of the official code (configs/deeplabv2_r101_sdca.yaml; the SYNTHIA and VGG-16 configs
+# differ only in dataset, classes and backbone). Sizes need no entry: the datasets' defaults are the
+# official SOURCE_INPUT_SIZE_TRAIN (1280x720 / 1280x760) and TARGET_INPUT_SIZE_TRAIN (1024x512), no crop.
+RECIPE = {
+    "lr": 2.5e-4,              # SOLVER.BASE_LR 2.5e-4 (deeplabv2_r101_sdca.yaml)
+    "head_lr_mult": 10.0,      # train_sdca.py: classifier optimizer at BASE_LR * 10
+    "momentum": 0.9,           # SOLVER.MOMENTUM (core/configs/defaults.py)
+    "weight_decay": 5e-4,      # SOLVER.WEIGHT_DECAY (defaults.py)
+    "poly_power": 0.9,         # SOLVER.LR_METHOD 'poly', LR_POWER 0.9 (defaults.py)
+    "iters": 62500,            # SOLVER.MAX_ITER: the poly schedule's length
+    "stop_iter": 40000,        # SOLVER.STOP_ITER: training stops here
+    # SOLVER.BATCH_SIZE 8 = 4 source + 4 target images on the official 4 GPUs (1 + 1 each); one process
+    # here reproduces that global batch; under torchrun --nproc_per_node=4 pass --batch-size 1
+    "batch_size": 4,
+    "bn": "frozen",            # MODEL.FREEZE_BN True (deeplabv2_r101_sdca.yaml)
+    "source_sampler": "class-balanced",  # the dataset classes build FADA's list (core/datasets/synthia.py)
+    "synthia_classes": 16,     # MODEL.NUM_CLASSES 16 (deeplabv2_r101_sdca_synthia.yaml)
+    "lovasz_weight": 0.75,     # SOLVER.LAMBDA_LOV 0.75 (deeplabv2_r101_sdca.yaml)
+    "align_corners": True,     # train_sdca.py: F.interpolate(..., align_corners=True), training and test
+    "backbone": "deeplabv2-r101",  # MODEL.NAME deeplab_resnet101, torchvision ImageNet weights
+}
+
+
 def load_init_statistics(path, feat_stats, out_stats):
     """Load the file written by `python -m uda.sdca init` into the two estimators (UserError on mismatch)."""
     state = common.load_checkpoint(path)
@@ -309,21 +255,32 @@ class SDCA:
         self.out_stats = ClassStatistics(num_classes, num_classes).to(env.device)
         if args.sdca_init_stats:
             load_init_statistics(args.sdca_init_stats, self.feat_stats, self.out_stats)
-        # augmentation draws: own stream, distinct per rank, checkpointed with the method
-        self.generator = torch.Generator().manual_seed(args.seed * 1009 + common.rank())
+        # every augmentation draw comes from here (distinct per rank, checkpointed), never the global RNG
+        self.generator = common.method_generator(args.seed, STREAM)
+
+    def augment_source(self, images):
+        """The official source transform on (B, 3, H, W) in [0, 1]: jitter, then grayscale, then blur."""
+        a = self.args
+        images = augment.color_jitter(images, *a.sdca_jitter, generator=self.generator)
+        images = augment.random_grayscale(images, a.sdca_grayscale, self.generator)
+        if a.sdca_blur_kernel:
+            images = augment.random_gaussian_blur(images, a.sdca_blur_kernel, a.sdca_blur_sigma, self.generator)
+        return images
+
+    def contrastive(self, stats, x_s, y_s, x_t, y_t):
+        """L_pcl(X_s, y_s) + L_pcl(X_t, yhat_t) against one level's class statistics (feat or out)."""
+        tau = self.args.sdca_tau
+        return pcl_loss(x_s, y_s, stats.mean, stats.var, tau) + pcl_loss(x_t, y_t, stats.mean, stats.var, tau)
 
     def train_step(self, source, target, it):
-        """One iteration on a source batch (image, label) and a target batch (image). Returns loss terms."""
+        """One iteration on a source batch (image, label) and a target batch (image). Returns logged values."""
         args = self.args
         self.optimizer.zero_grad(set_to_none=True)
-        images_s = source["image"]
-        if args.sdca_augment == "on":
-            images_s = augment_source(images_s, self.generator, args.sdca_jitter, args.sdca_grayscale,
-                                      args.sdca_blur_kernel, args.sdca_blur_sigma)
+        images_s = self.augment_source(source["image"]) if args.sdca_augment == "on" else source["image"]
         with self.env.autocast():  # separate forwards: each domain normalises with its own batch statistics
             feat_s, out_s = self.model(images_s)                                # (B, D, h, w), (B, K, h, w)
             feat_t, out_t = self.model(target["image"])
-        ce, lovasz = supervised_loss(out_s, source["label"], args.lovasz_weight)
+        ce, lovasz = supervised_loss(out_s, source["label"], args.lovasz_weight, args.align_corners)
         y_s = downsample_labels(source["label"], feat_s.shape[-2:]).reshape(-1)  # (N,)
         y_t = confident_pseudo_labels(out_t.detach(), args.sdca_delta).reshape(-1)  # (N,)
         f_s, f_t = flatten_pixels(feat_s), flatten_pixels(feat_t)               # (N, D)
@@ -331,17 +288,23 @@ class SDCA:
         # the statistics include the current source batch before the losses use them, as official
         self.feat_stats.update(f_s, y_s)
         self.out_stats.update(o_s, y_s)
-        tau = args.sdca_tau
-        loss_feat = (pcl_loss(f_s, y_s, self.feat_stats.mean, self.feat_stats.var, tau)
-                     + pcl_loss(f_t, y_t, self.feat_stats.mean, self.feat_stats.var, tau))
-        loss_out = (pcl_loss(o_s, y_s, self.out_stats.mean, self.out_stats.var, tau)
-                    + pcl_loss(o_t, y_t, self.out_stats.mean, self.out_stats.var, tau))
-        loss = ce + args.lovasz_weight * lovasz + args.sdca_lambda_feat * loss_feat + args.sdca_lambda_out * loss_out
+        logged = {"ce": ce.detach()}
+        loss = ce
+        if args.lovasz_weight:
+            loss = loss + args.lovasz_weight * lovasz
+            logged["lovasz"] = lovasz.detach()
+        if args.sdca_lambda_feat:
+            loss_feat = self.contrastive(self.feat_stats, f_s, y_s, f_t, y_t)
+            loss = loss + args.sdca_lambda_feat * loss_feat
+            logged["feat"] = loss_feat.detach()
+        if args.sdca_lambda_out:
+            loss_out = self.contrastive(self.out_stats, o_s, y_s, o_t, y_t)
+            loss = loss + args.sdca_lambda_out * loss_out
+            logged["out"] = loss_out.detach()
         self.env.scaler.scale(loss).backward()
         optimizer_step(self.optimizer, self.env.scaler)
-        confident = (y_t != IGNORE_INDEX).float().mean()
-        return {"ce": ce.detach(), "lovasz": lovasz.detach(), "feat": loss_feat.detach(),
-                "out": loss_out.detach(), "target_confident": confident}
+        logged["target_confident"] = (y_t != IGNORE_INDEX).float().mean()
+        return logged
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict(), "feat_stats": self.feat_stats.state_dict(),
@@ -372,16 +335,15 @@ def check_arguments(args):
 
 def add_arguments(parser):
     group = parser.add_argument_group("sdca")
-    group.add_argument("--lovasz-weight", type=float, default=0.75,
-                       help="weight of the Lovasz-softmax term on the source (SOLVER.LAMBDA_LOV, 0.75)")
     group.add_argument("--sdca-lambda-feat", type=float, default=1.0,
-                       help="weight of the feature-level pixel contrastive loss (source + target)")
+                       help="weight of the feature-level pixel contrastive loss (source + target; SOLVER.LAMBDA_FEAT)")
     group.add_argument("--sdca-lambda-out", type=float, default=1.0,
-                       help="weight of the output-level (logit) pixel contrastive loss (source + target)")
+                       help="weight of the output-level (logit) pixel contrastive loss (source + target; "
+                            "SOLVER.LAMBDA_OUT)")
     group.add_argument("--sdca-tau", type=float, default=100.0,
                        help="temperature tau of the contrastive loss (official SOLVER.TAU = 100: a weak pull)")
     group.add_argument("--sdca-delta", type=float, default=0.9,
-                       help="target pixels whose max softmax probability is below this are ignored")
+                       help="target pixels whose max softmax probability is below this are ignored (SOLVER.DELTA)")
     group.add_argument("--sdca-init-stats", default=None, metavar="FILE",
                        help="class statistics from `python -m uda.sdca init` (default: start empty and "
                             "fill from the first source batches)")
@@ -402,7 +364,7 @@ Method = SDCA
 # Distribution initialisation: python -m uda.sdca init --ckpt SRC.pt --out stats.pt
 # --------------------------------------------------------------------------------------------------
 def parse_init_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uda.sdca", description="SDCA tools")
+    p = common.ArgumentParser(prog="python -m uda.sdca", description="SDCA tools")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("init", help="class statistics of a source-only model over the source train set")
     q.add_argument("--ckpt", required=True, help="source-only checkpoint (train.py OUT/last.pt)")
@@ -411,42 +373,50 @@ def parse_init_args(argv=None):
     q.add_argument("--source-root", default=None, metavar="DIR", help="the source dataset's folder (default: "
                    "DATA_ROOT/<source>)")
     q.add_argument("--out", required=True, help="file to write the statistics to (for --sdca-init-stats)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--input-size", default=None,
                    help="resize images (bicubic) and labels (nearest) to WxH, or 'native' (default: the source's "
                         "training size, GTA5 1280x720, SYNTHIA 1280x760, as the official pass; the toy: native)")
-    q.add_argument("--max-images", type=int, default=None, help="stop after this many images (quick checks)")
-    q.add_argument("--batch-size", type=int, default=1, help="images per forward pass (official 1)")
-    q.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    q.add_argument("--max-images", type=common.positive_int, default=None,
+                   help="stop after this many images (quick checks)")
+    q.add_argument("--batch-size", type=common.positive_int, default=1, help="images per forward pass (official 1)")
+    q.add_argument("--workers", type=common.nonnegative_int, default=2, help="data loader worker processes")
     q.add_argument("--amp", choices=list(common.AMP_DTYPES), default="off", help="autocast dtype")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)")
     return p.parse_args(argv)
 
 
+def check_out_file(path, overwrite):
+    """Refuse to replace a file the user already has (or to write onto a folder)."""
+    if os.path.isdir(path):
+        raise UserError(f"--out {path}: is a folder; expected a file name such as {os.path.join(path, 'stats.pt')}")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"--out {path}: already exists; choose another file or pass --overwrite to replace it")
+
+
 @torch.no_grad()
 def init_main(argv=None):
-    import evaluate  # the repository's top-level script: loaders of checkpoints and evaluation helpers
-    from uda import datasets
+    # dataset-level imports stay here, so the method above needs only common, augment and source_only
+    from uda import datasets, evaluation
     args = parse_init_args(argv)
+    check_out_file(args.out, args.overwrite)
+    explicit = None if args.input_size in (None, "native") else common.parse_size(args.input_size, "--input-size")
     device = common.setup_distributed(args.device)
-    model, saved, space = evaluate.model_from_checkpoint(args.ckpt, device)
+    model, saved, space = evaluation.model_from_checkpoint(args.ckpt, device)
     model.eval()
     source = args.source or saved.source
+    size = datasets.default_train_size(source) if args.input_size is None else explicit
     dataset = datasets.build_dataset(source, "train", space, labeled=True,
                                      root=datasets.dataset_root(source, args.data_root, args.source_root))
-    if args.max_images:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.max_images, len(dataset))))
-    if args.input_size is None:
-        size = datasets.default_train_size(source)
-    else:
-        size = None if args.input_size == "native" else common.parse_size(args.input_size, "--input-size")
-    loader = torch.utils.data.DataLoader(evaluate.shard(dataset), batch_size=args.batch_size,
+    total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    loader = torch.utils.data.DataLoader(common.shard(dataset, args.max_images), batch_size=args.batch_size,
                                          num_workers=args.workers)
     feat_stats = ClassStatistics(model.num_classes, model.feature_dim).to(device)
     out_stats = ClassStatistics(model.num_classes, model.num_classes).to(device)
     for batch in loader:
         images, labels = batch["image"].to(device), batch["label"].to(device)
         if size is not None:
-            images = evaluate.resize_images(images, size)
+            images = evaluation.resize_images(images, size)
             labels = downsample_labels(labels, (size[1], size[0]))
         with common.autocast(device, args.amp):
             feats, logits = model(images)                                       # (B, D, h, w), (B, K, h, w)
@@ -460,9 +430,9 @@ def init_main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         common.atomic_save({"feat": feat_stats.cpu().state_dict(), "out": out_stats.cpu().state_dict(),
                             "ckpt": args.ckpt, "source": source, "backbone": saved.backbone,
-                            "images": len(dataset)}, args.out)
+                            "images": total}, args.out)
         seen = int((out_stats.count > 0).sum())
-        print(f"class statistics of {args.ckpt} over {len(dataset)} {source} images: {seen} classes seen, "
+        print(f"class statistics of {args.ckpt} over {total} {source} images: {seen} classes seen, "
               f"{int(out_stats.count.sum())} pixels at stride {model.output_stride} -> {args.out}", flush=True)
     common.cleanup_distributed()
 

@@ -1,7 +1,7 @@
 """The toy benchmark: every method against source-only and the oracle, with its cost, in one command.
 
-    OMP_NUM_THREADS=1 python -m uda.benchmark --out runs/bench            # all methods, 3 seeds
-    python -m uda.benchmark --out runs/quick --methods fada,cdga --seeds 1 --iters 50 --warmup-iters 100
+    OMP_NUM_THREADS=1 python -m uda.bench.toy --out runs/bench            # all methods, 3 seeds
+    python -m uda.bench.toy --out runs/quick --methods fada,cdga --seeds 1 --iters 50 --warmup-iters 100
 
 Protocol (the README's "Toy benchmark" section says why), per seed s:
 1. warm-up: `train.py --method source_only --source toy-synth --lr 0.01 --iters W` from random init;
@@ -11,13 +11,35 @@ Protocol (the README's "Toy benchmark" section says why), per seed s:
    - source_only: the warm-up continued on toy-synth for N more iterations (the baseline);
    - oracle: source_only on toy-real's labelled train split for N iterations (`--source toy-real`):
      what the same budget from the same start reaches with target labels (the upper reference);
-   - every adaptation method of train.METHODS, with its own defaults except the few toy flags of
-     `toy_flags` below (each with its reason);
+   - every adaptation method of `uda.bench.METHODS` (train.py's), with its own RECIPE and flag
+     defaults except the toy flags below;
    - fada+selftrain: FADA's stage 4: argmax pseudo-labels of the seed's FADA model over toy-real train
      (`evaluate.py --save-pseudo`), then `--method selftrain` on them for N iterations;
 3. each row is evaluated on toy-real val with `evaluate.py --json` (PLCA with its test-time aggregation,
    as evaluate.py does by default for PLCA checkpoints; EXTRA_EVALS adds a row for the same PLCA
    checkpoint evaluated without it).
+
+Toy flags, where a row departs from its method's RECIPE (train.py prints each run's recipe and what
+the command line overrode at the top of its train.log):
+- every run: --iters N --stop-iter N --batch-size B: the toy's budget and batch, not the papers' (a
+  RECIPE's stop_iter, a share of a 40,000-iteration schedule, would exceed N);
+- SGD rows (source_only, oracle, fada, cdga, sdca, plca): --lr (default 0.01): the papers adapt at the
+  LR of their source-only stage (2.5e-4 for DeepLab-v2); the tiny backbone's source-only LR is --lr;
+- daformer, dida: --warmup-iters = 1500/40000 of N (DAFormer's warm-up share; 1500 iterations would
+  never end within N) and --rcs-min-pixels 107 (DAFormer's 3000 pixels at 1280x720, scaled to the toy's
+  256x128); they keep the rest of their AdamW recipe (LR 6e-5, wd 0.01, poly 1, RCS, crop re-draw 0.75);
+- fada+selftrain: --source toy-real --pseudo-dir, --crop 256x128 (whole toy images in), --selftrain-crop
+  128x64 (FADA's half-size crop of 2048x1024) and --lr 2 x --lr (FADA's self-distillation LR over its
+  adaptation LR, 5e-4 / 2.5e-4);
+- sdca: --sdca-init-stats from `python -m uda.sdca init` on the warm-up checkpoint (its recipe);
+- PINNED (head_lr_mult, momentum, weight_decay, poly_power, warmup_iters, cat_max_ratio,
+  source_sampler): a RECIPE value of one of these becomes train.py's default again on the toy, as every
+  row ran before the methods had RECIPEs (FADA's and SDCA's class-balanced sampler, say), so the
+  protocol and the README's toy table stay comparable; KEPT_RECIPE keeps the values a method set itself
+  back then (DAFormer's/DIDA's optimiser, RCS and crop re-draw; PLCA's head LR x1).
+  Every method keeps its RECIPE's align_corners (its official code's, issue 15) and lovasz_weight; a
+  RECIPE's backbone, BN mode, crop and sizes do not apply to the toy (train.py drops them).
+The flags of each row are recorded in results.json (config.flags).
 
 Each training is a subprocess of train.py (OMP_NUM_THREADS=1, --workers 0, CPU), --jobs of them at a
 time (one per core). sec/iter is the median over the logging windows of metrics.jsonl after the first
@@ -43,9 +65,10 @@ import subprocess
 import sys
 import time
 
+from uda.bench import METHODS, TRAIN_DEFAULTS
 from uda.common import UserError, run_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE, ORACLE, SELFTRAIN_ROW = "source_only", "oracle", "fada+selftrain"
 # Extra evaluations of a method's own checkpoint, reported as rows of their own:
 # row name -> (method, evaluate.py flags). PLCA's test-time aggregation is part of its recipe (the
@@ -57,11 +80,15 @@ DAFORMER_WARMUP_FRACTION = 1500 / 40000
 # RCS: images with more than 3000 pixels of a class (DAFormer, at GTA5's 1280x720 training size); the
 # same share of a 256x128 toy image is 3000 * (256 * 128) / (1280 * 720) = 107 pixels
 TOY_RCS_MIN_PIXELS = round(3000 * (256 * 128) / (1280 * 720))
+# Common flags whose RECIPE values the toy resets to train.py's defaults (the docstring says why) ...
+PINNED = ("head_lr_mult", "momentum", "weight_decay", "poly_power", "warmup_iters", "cat_max_ratio", "source_sampler")
+# ... except the values a method set itself before RECIPEs existed (its set_defaults calls then)
+DAFORMER_KEPT = ("head_lr_mult", "weight_decay", "poly_power", "cat_max_ratio", "source_sampler")
+KEPT_RECIPE = {"daformer": DAFORMER_KEPT, "dida": DAFORMER_KEPT, "plca": ("head_lr_mult",)}
 
 
 def method_names():
-    import train  # the literal METHODS dict; importing it builds nothing
-    return [name for name in train.METHODS if name not in (BASELINE, "selftrain")]
+    return [name for name in METHODS if name not in (BASELINE, "selftrain")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,17 +105,29 @@ def toy_flags(method, args):
         # SGD methods: the papers adapt at the LR of their source-only stage (2.5e-4 for DeepLab-v2);
         # the tiny backbone's source-only LR is --lr
         flags += ["--lr", str(args.lr)]
-    return flags
+    return flags + recipe_pins(method, flags)
+
+
+def recipe_pins(method, given):
+    """Flags that set the PINNED recipe values of `method` back to train.py's defaults, unless kept or given."""
+    kept = KEPT_RECIPE.get(method, ())
+    pins = []
+    for key, value in METHODS[method].RECIPE.items():
+        flag = "--" + key.replace("_", "-")
+        if key in PINNED and key not in kept and flag not in given and value != TRAIN_DEFAULTS[key]:
+            pins += [flag, str(TRAIN_DEFAULTS[key])]
+    return pins
 
 
 def train_command(method, out, seed, iters, args, pretrained=None, extra=()):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", method, "--backbone", "tiny",
-           "--iters", str(iters), "--batch-size", str(args.batch_size), "--seed", str(seed), "--out", out,
-           "--workers", "0", "--device", "cpu", "--eval-every", "0",
+           "--iters", str(iters), "--stop-iter", str(iters), "--batch-size", str(args.batch_size),
+           "--seed", str(seed), "--out", out, "--workers", "0", "--device", "cpu", "--eval-every", "0",
            "--log-every", str(max(1, iters // args.windows))]
     if pretrained:
         cmd += ["--pretrained", pretrained]
-    return cmd + list(extra)
+    cmd += list(extra)
+    return cmd + recipe_pins(method, cmd)  # every run, also the warm-up and the selftrain stage
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +230,7 @@ def build_tasks(args, methods):
             # whole toy images in, FADA's half-size crop after random scaling (1024x512 of 2048x1024),
             # the FADA ratio of self-distillation LR to adaptation LR (5e-4 / 2.5e-4)
             row(SELFTRAIN_ROW, "selftrain",
-                ["--source", "toy-real", "--pseudo-dir", pseudo, "--crop", "256x128", "--distill-crop", "128x64",
+                ["--source", "toy-real", "--pseudo-dir", pseudo, "--crop", "256x128", "--selftrain-crop", "128x64",
                  "--lr", str(2 * args.lr)], deps=(f"s{seed}/fada",), prefix=[label])
         row(ORACLE, BASELINE, ["--source", "toy-real", "--lr", str(args.lr)])
         row(BASELINE, BASELINE, ["--lr", str(args.lr)])
@@ -292,7 +331,7 @@ def markdown_table(methods):
 # Command line
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uda.benchmark", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m uda.bench.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, runs/)")
     p.add_argument("--methods", default="all",
@@ -339,7 +378,7 @@ def main(argv=None):
           f"iterations, {args.jobs} job(s) at a time -> {args.out}", flush=True)
     run_tasks(tasks, args.jobs, args.reuse)
     methods = summarize(tasks, args.rows)
-    config = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "uda.benchmark", *(argv or sys.argv[1:])]),
+    config = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "uda.bench.toy", *(argv or sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": time.time() - tic, "seeds": args.seeds, "iters": args.iters,
               "warmup_iters": args.warmup_iters, "lr": args.lr, "batch_size": args.batch_size, "jobs": args.jobs,
