@@ -156,7 +156,7 @@ def parse_args(argv=None):
     if args.source in toy.DOMAINS:
         for key in REAL_DATA_KEYS:
             if key in recipe and key not in explicit:
-                setattr(args, key, None)
+                setattr(args, key, common_defaults()[key])
                 recipe.pop(key)
     if "iters" in explicit and "stop_iter" not in explicit and "stop_iter" in recipe:
         # a shorter --iters is a shorter schedule: stop at its end unless --stop-iter says otherwise
@@ -170,6 +170,13 @@ def parse_args(argv=None):
     if args.stop_iter > args.iters:
         raise UserError(f"--stop-iter {args.stop_iter}: must not exceed --iters {args.iters}")
     return args
+
+
+def common_defaults():
+    """The common flags' own defaults, before any recipe."""
+    p = common.ArgumentParser()
+    add_common_arguments(p)
+    return vars(p.parse_args(["--out", "-"]))
 
 
 def explicit_flags(method, argv):

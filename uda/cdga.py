@@ -77,15 +77,18 @@ Design choices (ours; reason; alternative):
 10. Profiles and class counts are per process: under DDP each rank's loss is its own batch's, and
     gradients of G, Cnet and Dnet are averaged in common.optimizer_step.
 
-Deviations: the whole method is a reconstruction (above); nothing was checked against code or
-equations of the authors. From the AdaptSegNet/ADVENT base: D reads group-masked predictions at the
-input size (their output-space D reads the predictions); one D on the final output only (no auxiliary
-conv4 head and D); BatchNorm of the DeepLab-v2 recipe is frozen (--bn auto: fixed statistics and
-affine), where their code fixes the affine but leaves BN in train mode; --iters is their poly length,
-their early stop (ADVENT 120,000, AdaptSegNet 150,000 iterations) is --stop-iter. The target batch
-passes through G in train mode, so trainable BatchNorm (the toy's tiny backbone) also collects target
-statistics, which the frozen-BN DeepLab-v2 of the recipe does not. Compute: Cnet at stride 8 and a D on
-K*C channels, no N x N matrices; the second (target) forward/backward dominates.
+Deviations:
+- The whole method is a RECONSTRUCTION (above): no official code exists and the paper's equations were
+  not available, so nothing here was checked against the authors' work and no published number is
+  reproduced.
+- From the AdaptSegNet/ADVENT base: D reads group-masked predictions at the input size (their
+  output-space D reads the predictions); one D on the final output only (no auxiliary conv4 head and
+  D); DeepLab-v2's BatchNorm is frozen (--bn auto: fixed statistics and affine), where their code
+  fixes the affine but leaves BN in train mode.
+- The target batch passes through G in train mode, so trainable BatchNorm (the toy's tiny backbone)
+  also collects target statistics, which the frozen-BN DeepLab-v2 of the recipe does not.
+- Compute: Cnet at stride 8 and a D on K*C channels, no N x N matrices; the second (target)
+  forward/backward dominates.
 """
 import math
 
@@ -246,8 +249,7 @@ class GroupDiscriminator(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The AdaptSegNet / ADVENT protocol (AdaptSegNet pytorch_0.4/train_gta2cityscapes_multi.py, ADVENT
 # advent/domain_adaptation/config.py). Not in it: source_size (train.py's per-dataset defaults are the
-# protocol's GTA5 1280x720 / SYNTHIA 1280x760), bn (--bn auto freezes DeepLab-v2's BN, keeps the toy's
-# trainable) and stop_iter (their early stop, ADVENT 120,000 / AdaptSegNet 150,000: pass --stop-iter).
+# protocol's GTA5 1280x720 / SYNTHIA 1280x760) and bn (--bn auto freezes DeepLab-v2's BN).
 RECIPE = {
     "lr": 2.5e-4,                          # LEARNING_RATE 2.5e-4 (both)
     "head_lr_mult": 10.0,                  # optim_parameters: the classifier at 10 x LR (both)
@@ -255,6 +257,7 @@ RECIPE = {
     "weight_decay": 5e-4,                  # WEIGHT_DECAY 0.0005 (both)
     "poly_power": 0.9,                     # POWER (both)
     "iters": 250000,                       # NUM_STEPS / MAX_ITERS: the poly schedule's length (both)
+    "stop_iter": 120000,                   # ADVENT EARLY_STOP (AdaptSegNet NUM_STEPS_STOP: 150,000)
     "batch_size": 1,                       # BATCH_SIZE 1 (AdaptSegNet), BATCH_SIZE_SOURCE/TARGET 1 (ADVENT)
     "backbone": "deeplabv2-r101-caffe",    # DeepLab-v2 ResNet-101, COCO init DeepLab_resnet_pretrained_init-f81d91e8
     "target_size": "1024x512",             # INPUT_SIZE_TARGET 1024,512 (both)

@@ -72,8 +72,6 @@ Deviations:
 - The random resize draws a continuous scale in [1.0, 1.3] of a fixed 760-short-side size
   (--random-scale, --source-size, --target-size) where the official code draws an integer short side in
   760..988; SYNTHIA (1280x760) needs --source-size native instead of the recipe's GTA5 size.
-- Schedule: the recipe's --iters is the official poly length (30 epochs of 372 steps); the official
-  run stops after 28 epochs: pass --stop-iter 10416 (SYNTHIA: --iters 3720 --stop-iter 2976).
 - Class order: trainIds (the official code uses its own order); no effect on the losses.
 - Target labels are never loaded (official loads them for logging diagnostics only).
 """
@@ -95,7 +93,8 @@ GENERATOR_STREAM = 7    # this method's stream of common.method_generator
 
 
 # --------------------------------------------------------------------------------------------------
-# Definitions, N x M at once: what the blocked functions below compute (the tests compare them)
+# Precision helpers, and the plain definitions (N x M at once) that the blocked functions below
+# compute (the tests compare the two)
 # --------------------------------------------------------------------------------------------------
 def fp32(x):
     """Half-precision tensors to fp32 (statistics, softmaxes over ~8k columns and logs need it);
@@ -160,9 +159,10 @@ def product_rows(a, b, full):
     return lambda s, e: a[s:e] @ b.t()          # (R, K) @ (K, M)
 
 
-def exp_scaled(block, top, scale, shift):
+def exp_scaled(block, top, scale, shift=None):
     """exp((block - top) / scale + shift) into a new tensor; the arguments broadcast against block."""
-    return (block - top).div_(scale).add_(shift).exp_()
+    scaled = (block - top).div_(scale)
+    return (scaled if shift is None else scaled.add_(shift)).exp_()
 
 
 class BestLinks(torch.autograd.Function):
@@ -227,7 +227,7 @@ def row_best(rows):
     """Per row of a block (R, M): max, std + eps, best log sigma and its index, each (R,)."""
     top, index = rows.max(1)
     scale = rows.std(1) + SIGMA_EPS                          # unbiased, as torch.std in the official code
-    best = -exp_scaled(rows, top[:, None], scale[:, None], 0.0).sum(1).log_()  # the sum is >= 1
+    best = -exp_scaled(rows, top[:, None], scale[:, None]).sum(1).log_()  # the sum is >= 1
     return top, scale, best, index
 
 
@@ -258,7 +258,7 @@ class ColumnStats:
     def finish(self, block, blocks):
         """(max, std + eps, best log sigma, index) per column, each (M,)."""
         scale = (self.m2 / (self.seen - 1)).sqrt() + SIGMA_EPS   # unbiased std + eps
-        total = sum(exp_scaled(block(s, e), self.top, scale, 0.0).sum(0) for s, e in blocks)
+        total = sum(exp_scaled(block(s, e), self.top, scale).sum(0) for s, e in blocks)
         return self.top, scale, -total.log(), self.index
 
 
@@ -477,6 +477,7 @@ RECIPE = {
     "weight_decay": 5e-4,                 # WEIGHT_DECAY 0.0005, on every parameter
     "poly_power": 0.9,                    # POLY.POWER
     "iters": 11160,                       # GTA5: POLY.MAX_EPOCHS 30 x 372 steps (2975 targets / (2 x 2 x 2))
+    "stop_iter": 10416,                   # GTA5: TRAIN.MAX_EPOCHS 28 (SYNTHIA: --iters 3720 --stop-iter 2976)
     "batch_size": 4,                      # per GPU: TRAIN_BATCH_SIZE 4 / 2 GPUs = 2 pairs x ITER_SIZE 2
     "bn": "train",                        # plain BatchNorm, SyncBN under DDP (tools/train.py), FREEZE_BN False
     "backbone": "deeplabv2-r101-caffe",   # model/segmentation/deeplabv2.py: Caffe-style ResNet-101
