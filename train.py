@@ -230,10 +230,11 @@ def make_stream(dataset, batch_size, workers, seed, start_iter, sampler=None):
 
 
 def ignore_stop_signals(worker_id):
-    """Loader workers leave Ctrl-C / SIGTERM to the main process, which finishes the iteration and saves;
-    a worker killed by the signal would instead break the next batch. They exit with their parent."""
+    """Loader workers leave Ctrl-C (sent to the whole terminal process group) to the main process, which
+    finishes the iteration and saves; a worker killed by it would break the next batch. SIGTERM stays
+    deadly: it is how the loader and Python's exit stop workers (a scheduler that sends it to every
+    process is handled in the loop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def to_device(batch, device):
@@ -409,8 +410,10 @@ def reduce_losses(losses):
 def check_finite(losses, iteration, out):
     for name, value in losses.items():
         if not math.isfinite(value):
-            raise UserError(f"loss/{name} is {value} at iteration {iteration}: training stopped; the last good "
-                            f"checkpoint is {os.path.join(out, 'last.pt')} (try a lower --lr or --amp off)")
+            last = os.path.join(out, "last.pt")
+            saved = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was saved yet"
+            raise UserError(f"loss/{name} is {value} at iteration {iteration}: training stopped; {saved} "
+                            f"(try a lower --lr, --pretrained weights or --amp off)")
 
 
 def run_evaluation(model, val, space, env, args, iteration, log, last_path):
@@ -471,6 +474,16 @@ def resume_command(args):
         argv.append(token)
     launcher = ["python"] if not common.is_distributed() else ["torchrun", f"--nproc_per_node={common.world_size()}"]
     return shlex.join(launcher + [sys.argv[0], *argv, "--resume", os.path.join(args.out, "last.pt")])
+
+
+def save_and_exit(signum, done, model, method, env, args, last_path):
+    """After SIGINT / SIGTERM: save iteration `done` atomically, say how to resume, exit 128 + signum."""
+    sync_buffers(model)
+    if common.is_main_process():
+        save_checkpoint(last_path, model, method, env.scaler, done, args)
+        print(f"interrupted at iteration {done}; resume with: {resume_command(args)}", flush=True)
+    common.cleanup_distributed()
+    sys.exit(128 + signum)
 
 
 def log_due(done, args):
@@ -541,7 +554,14 @@ def main(argv=None):
         factor = common.lr_factor(it, args.iters, args.poly_power, args.warmup_iters)
         for optimizer in method.optimizers:
             common.set_lr(optimizer, factor)
-        source, target = next_batches(streams, device)
+        try:
+            source, target = next_batches(streams, device)
+        except RuntimeError:
+            if not stop.signum:
+                raise
+            # the signal reached the loader workers too (a scheduler signalling every process of the job):
+            # iteration `it` is complete, so save it and stop as if the signal had come a moment later
+            save_and_exit(stop.signum, it, model, method, env, args, last_path)
         losses = reduce_losses(train_step(method, source, target, it, args))
         env.scaler.update()
         check_finite(losses, it + 1, args.out)
@@ -560,14 +580,11 @@ def main(argv=None):
         signum = stop.agreed()
         if signum or (args.eval_every and done % args.eval_every == 0) or done == args.stop_iter:
             # the checkpoint comes first: nothing after it (evaluation, a signal) can lose training
+            if signum:
+                save_and_exit(signum, done, model, method, env, args, last_path)
             sync_buffers(model)
             if common.is_main_process():
                 save_checkpoint(last_path, model, method, env.scaler, done, args)
-            if signum:
-                if common.is_main_process():
-                    print(f"interrupted at iteration {done}; resume with: {resume_command(args)}", flush=True)
-                common.cleanup_distributed()
-                sys.exit(128 + signum)
             if val is not None:
                 run_evaluation(model, val, space, env, args, done, log, last_path)
             tic, tic_iter = time.time(), done  # evaluation time is not training speed

@@ -1,5 +1,6 @@
-"""The toy benchmark harness (uda/bench/toy.py): a tiny-budget end-to-end run, the pipeline it builds,
-and the summary maths against hand-computed numbers."""
+"""The toy benchmark harness (uda/bench/toy.py): a tiny-budget end-to-end run (with PLCA's recipe-only
+control), the pipeline it builds (controls and --backbone included), and the summary maths (recipe and
+idea columns too) against hand-computed numbers."""
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import train
 from conftest import REPO
 
 from uda import fada, plca
@@ -50,6 +52,21 @@ def test_tiny_run_writes_results_json_and_table(tmp_path):
         assert f"--pretrained {warm}" in first and "--iters 4" in first and "--seed 0" in first, first
     table = (out / "results.md").read_text()
     assert "| plca |" in table and "| oracle |" in table and "share of gap closed" in table
+    # the recipe-only control (--controls on by default): PLCA's command with its terms off, from the same
+    # warm-up, evaluated without test-time aggregation; not a row of its own
+    control_dir = out / "runs" / "s0" / "plca-control"
+    control = results["methods"]["plca"]["control"]
+    assert control["flags"] == toy.CONTROLS["plca"] and control["seeds"] == [0]
+    control_eval = json.loads((control_dir / "eval.json").read_text())
+    assert control["miou"] == [control_eval["miou"]] and control_eval["tta_aggregate"] is False
+    first = (control_dir / "train.log").read_text().splitlines()[0]
+    assert f"--pretrained {warm}" in first and " ".join(toy.CONTROLS["plca"]) in first and "--seed 0" in first
+    source_miou = results["methods"]["source_only"]["miou"][0]
+    for name in ("plca", no_tta):  # paired per seed; recipe + idea = the row's gain
+        entry = results["methods"][name]
+        assert entry["idea_gain"] == [entry["miou"][0] - control["miou"][0]]
+        assert entry["recipe_gain"] == [control["miou"][0] - source_miou]
+    assert "recipe: control − source_only" in table and "`--plca-lambda-fass 0 --plca-lambda-cass 0" in table
 
 
 def test_pipeline_commands():
@@ -58,7 +75,8 @@ def test_pipeline_commands():
     assert args.rows == ["source_only", "oracle", "fada", "sdca", "daformer", "fada+selftrain"]
     assert "plca, no test-time aggregation" in toy.parse_args(["--out", "/x", "--methods", "plca"]).rows
     tasks = {t.key: t for t in toy.build_tasks(args, args.methods)}
-    assert set(tasks) == {f"s{s}/{n}" for s in (0, 1) for n in ["warmup", *args.rows]}
+    assert set(tasks) == {f"s{s}/{n}" for s in (0, 1)
+                          for n in ["warmup", *args.rows, *(f"{m}-control" for m in args.methods)]}
     assert tasks["s0/fada"].evals == [("fada", "eval.json")]
     for seed in (0, 1):
         warm = tasks[f"s{seed}/warmup"]
@@ -85,6 +103,57 @@ def test_pipeline_commands():
         for cmd in task.commands:
             if cmd[1].endswith("train.py"):
                 assert cmd[cmd.index("--stop-iter") + 1] == cmd[cmd.index("--iters") + 1]
+
+
+def test_controls_are_planned_with_their_flags():
+    """Every method has a control: its own training command (same warm-up, seed, toy flags) plus the
+    flags of CONTROLS, which train.py parses to weights 0; SDCA's control skips the init pass, PLCA's
+    is evaluated without aggregation. --controls off plans none."""
+    assert set(toy.CONTROLS) == set(toy.method_names())
+    args = toy.parse_args(["--out", "/tmp/unused", "--seeds", "2", "--iters", "100", "--warmup-iters", "200"])
+    tasks = {t.key: t for t in toy.build_tasks(args, args.methods)}
+    for seed in (0, 1):
+        for method in args.methods:
+            own, control = tasks[f"s{seed}/{method}"], tasks[f"s{seed}/{method}-control"]
+            own_cmd, control_cmd = own.commands[own.train_index], control.commands[control.train_index]
+            assert control.deps == [f"s{seed}/warmup"] and control.evals == [(f"{method}-control", "eval.json")]
+            expected = own_cmd + toy.CONTROLS[method]
+            if method == "sdca":  # its init statistics feed only the contrastive terms
+                at = expected.index("--sdca-init-stats")
+                expected = expected[:at] + expected[at + 2:]
+                assert control.train_index == 0 and len(control.commands) == 2
+            out_at = expected.index("--out") + 1
+            assert control_cmd[out_at] == control.run_dir and own_cmd[out_at] == own.run_dir
+            expected[out_at] = control.run_dir
+            assert control_cmd == expected, method
+            evaluation = control.commands[-1]
+            assert evaluation[1].endswith("evaluate.py")
+            assert evaluation[evaluation.index("--json") + 2:] == toy.CONTROL_EVAL_FLAGS.get(method, [])
+    for method, flags in toy.CONTROLS.items():  # every flag exists and turns its term off
+        parsed = vars(train.parse_args(["--method", method, "--out", "/tmp/unused", *flags]))
+        for name, value in zip(flags[::2], flags[1::2]):
+            assert parsed[name[2:].replace("-", "_")] == (value if value == "clean" else float(value)), name
+    off = toy.parse_args(["--out", "/tmp/unused", "--controls", "off"])
+    assert not [t for t in toy.build_tasks(off, off.methods) if t.key.endswith("-control")]
+
+
+def test_backbone_reaches_every_run_and_mit_turns_plca_aggregation_off():
+    """--backbone goes to every train.py command, the warm-up included; MiT's DAFormer head has no
+    .classifier to re-apply after aggregation, so PLCA is evaluated without it and the extra row goes."""
+    args = toy.parse_args(["--out", "/tmp/unused", "--methods", "plca,daformer", "--seeds", "1",
+                           "--backbone", "mit-b0"])
+    assert args.rows == ["source_only", "oracle", "plca", "daformer"] and not args.test_time_aggregation
+    tasks = {t.key: t for t in toy.build_tasks(args, args.methods)}
+    for task in tasks.values():
+        train_cmd = task.commands[task.train_index]
+        assert train_cmd[train_cmd.index("--backbone") + 1] == "mit-b0", task.key
+    plca_eval = tasks["s0/plca"].commands[-1]
+    assert tasks["s0/plca"].evals == [("plca", "eval.json")] and plca_eval[-2:] == ["--tta-aggregate", "off"]
+    assert "PLCA's test-time aggregation is off" in toy.markdown_notes(args)
+    tiny = toy.parse_args(["--out", "/tmp/unused", "--methods", "plca"])
+    assert tiny.backbone == "tiny" and tiny.test_time_aggregation
+    plca_task = toy.build_tasks(tiny, tiny.methods)[1]  # evaluated as evaluate.py does for PLCA, then without
+    assert "--tta-aggregate" not in plca_task.commands[1] and plca_task.commands[2][-2:] == ["--tta-aggregate", "off"]
 
 
 def test_recipe_values_new_to_the_toy_are_pinned(monkeypatch):
@@ -122,6 +191,41 @@ def test_summary_maths():
     assert methods["oracle"]["gap_closed"] == 1.0
     table = toy.markdown_table(methods)
     assert "| m | 23.00 ± 2.83 | 25.0, 21.0 | +2.00 | 1/2 | 10% | 0.4000 | 4.00 | 500 | 1.25 |" in table
+
+
+def test_recipe_and_idea_are_paired_per_seed():
+    """recipe = control - source_only and idea = method - control per seed, over the seeds where all
+    three finished; PLCA's extra row shares PLCA's control; a failed control is said so in the table."""
+    runs = {"source_only": [20.0, 22.0, 21.0], "plca-control": [23.0, 23.0, None], "fada-control": [None] * 3}
+    tasks = []
+    for name, values in runs.items():
+        for seed, miou in enumerate(values):
+            task = toy.Task(f"s{seed}/{name}", "/nonexistent", [], 0, row=name, seed=seed)
+            task.result = record(name, miou) if miou is not None else {"error": "exit 1", "wall_s": 1.0}
+            tasks.append(task)
+    no_tta = toy.NO_AGGREGATION_ROW
+    for seed, (with_tta, without) in enumerate([(26.0, 28.0), (21.0, 25.0), (30.0, 30.0)]):
+        task = toy.Task(f"s{seed}/plca", "/nonexistent", [], 0, row="plca", seed=seed,
+                        evals=[("plca", "eval.json"), (no_tta, "eval_0.json")])
+        task.result = {**record("plca", with_tta), "miou_by_row": {"plca": with_tta, no_tta: without}}
+        tasks.append(task)
+    for seed in range(3):
+        task = toy.Task(f"s{seed}/fada", "/nonexistent", [], 0, row="fada", seed=seed)
+        task.result = record("fada", 30.0)
+        tasks.append(task)
+    methods = toy.summarize(tasks, ["source_only", "fada", "plca", no_tta])
+    entry = methods["plca"]
+    assert entry["control"]["miou"] == [23.0, 23.0] and entry["control"]["seeds"] == [0, 1]
+    assert entry["control"]["flags"] == toy.CONTROLS["plca"] and entry["control"]["errors"] == ["exit 1"]
+    assert entry["paired_seeds"] == [0, 1]  # seed 2's control failed
+    assert entry["idea_gain"] == [3.0, -2.0] and entry["recipe_gain"] == [3.0, 1.0]
+    assert entry["idea_gain_mean"] == 0.5 and math.isclose(entry["idea_gain_std"], math.sqrt(12.5))
+    assert entry["recipe_gain_mean"] == 2.0 and math.isclose(entry["recipe_gain_std"], math.sqrt(2.0))
+    assert methods[no_tta]["idea_gain"] == [5.0, 2.0] and methods[no_tta]["recipe_gain"] == [3.0, 1.0]
+    assert "control" not in methods["source_only"] and methods["fada"]["control"]["miou"] == []
+    table = toy.markdown_table(methods)
+    assert "| +2.00 ± 1.41 | +0.50 ± 3.54 |" in table  # the plca row
+    assert "| control failed | control failed |" in table and "| 1.00 | – | – |" in table  # fada; source_only
 
 
 def test_failed_run_is_reported_not_hidden():

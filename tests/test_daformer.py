@@ -133,6 +133,30 @@ def test_zero_fd_weight_builds_no_frozen_network_and_logs_no_fd_term():
     assert set(terms) == {"src", "mix", "pl_quality"}
 
 
+@pytest.mark.parametrize("method_name, extra", [("daformer", []), ("dida", ["--dida-lambda-ins", "0"])])
+def test_zero_mix_weight_is_the_supervised_update_alone(method_name, extra):
+    """--daformer-lambda-mix 0 (DIDA: with --dida-lambda-ins 0): no teacher forward, no ClassMix or
+    augmentation draw, no mix term logged, and the student's gradient is that of L_src + lambda_fd L_fd."""
+    method, model = make_method(method_name, ["--daformer-lambda-mix", "0", *extra])
+    start = copy.deepcopy(model)  # the student before the step, for the gradient by hand
+    teacher_buffers = {k: v.clone() for k, v in method.teacher.named_buffers()}
+    generator = method.generator.get_state().clone()
+    source, target = toy_batch()
+    terms = method.train_step(source, target, 0)
+    assert set(terms) == {"src", "fd"} | ({"bank_filled"} if method_name == "dida" else set())
+    assert torch.equal(method.generator.get_state(), generator)
+    for name, value in method.teacher.named_buffers():  # BN statistics move only in a teacher forward
+        assert torch.equal(value, teacher_buffers[name]), name
+    xs, ys, args = source["image"], source["label"], method.args
+    _, logits, encoder = start(xs, with_encoder=True)
+    things = fd_mask(ys, encoder.shape[-2:], method.thing_indices, args.daformer_fd_min_ratio, method.num_classes)
+    supervised = (weighted_cross_entropy(common.upsample(logits, ys.shape[-2:], args.align_corners), ys)
+                  + args.daformer_lambda_fd * feature_distance(encoder, method.fd_model.encoder_features(xs), things))
+    supervised.backward()
+    for (name, p), q in zip(model.named_parameters(), start.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-9), name
+
+
 # ---------------------------------------------------------------- losses and pseudo-labels
 def test_weighted_cross_entropy_divides_by_all_pixels():
     logits = torch.zeros(1, 4, 2, 2)  # CE = log 4 everywhere

@@ -217,3 +217,50 @@ def test_interrupt_saves_and_resume_matches_a_straight_run(tmp_path, signum, wor
     straight = run_script("train.py", "--out", tmp_path / "straight", *extra)
     assert straight.returncode == 0, straight.stderr
     assert_same_checkpoints(tmp_path / "cut" / "last.pt", tmp_path / "straight" / "last.pt")
+
+
+# ---------------------------------------------------------------- broken files, named
+def folder_run_flags(root, *extra):
+    return ["--source", "folder", "--source-root", root, "--target", "folder", "--target-root", root,
+            "--backbone", "tiny", "--crop", "96x64", *flags(iters=3), *extra]
+
+
+def test_unreadable_val_file_keeps_the_training(tmp_path):
+    from make_folder_dataset import make
+    root = tmp_path / "data"
+    names = make(root, train=4, val=2)
+    broken = next((root / "images" / "val").rglob("*.png"))
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    result = run_script("train.py", "--out", tmp_path / "run", *folder_run_flags(root))
+    assert_user_error(result, str(broken), "saved in")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["iter"] == 3
+    assert names
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_training_label_is_named_from_a_worker(tmp_path, workers):
+    from make_folder_dataset import make
+    root = tmp_path / "data"
+    make(root, train=4, val=1)
+    label = next((root / "labels" / "train").rglob("*.png"))
+    label.write_bytes(b"")  # a 0-byte file
+    before = digest(root)
+    result = run_script("train.py", "--out", tmp_path / "run", *folder_run_flags(root, "--workers", workers))
+    assert_user_error(result, str(label))
+    assert digest(root) == before
+
+
+def test_torchrun_setup_error_is_one_line_from_rank_0(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("mine\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "train.py"), "--out", str(out), *TOY_FAST]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another run" in errors[0], output
+    assert "[rank1]" not in output and "[rank0]" not in output  # no rank adds a traceback
+    assert (out / "metrics.jsonl").read_text() == "mine\n"

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 IGNORE_INDEX = 255  # every dataset maps void / unlabeled pixels to 255
+RANK_EXIT_DELAY = 3.0  # seconds a silent rank waits before exiting, so rank 0's error line gets printed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,7 +41,10 @@ def run_cli(main):
     except UserError as err:
         if launch_rank() == 0 or getattr(err, "rank_local", False):
             prefix = f"rank {launch_rank()}: " if launch_rank() else ""
-            print(f"error: {prefix}{one_line(err)}", file=sys.stderr)
+            print(f"error: {prefix}{one_line(err)}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops the other ranks as soon as one exits: give rank 0 time to say why
+            time.sleep(RANK_EXIT_DELAY)
         sys.exit(2)
     except (MemoryError, torch.OutOfMemoryError) as err:
         print(f"error: out of memory ({one_line(err) or type(err).__name__}): try a smaller --crop or "
@@ -47,7 +52,9 @@ def run_cli(main):
         sys.exit(2)
     except RuntimeError as err:
         if is_peer_failure(err):
-            if launch_rank() == 0:
+            if launch_rank() != 0:
+                time.sleep(RANK_EXIT_DELAY)
+            else:
                 print("error: lost contact with another process of this torchrun job (it failed or was killed; "
                       "see its output)", file=sys.stderr)
             sys.exit(2)

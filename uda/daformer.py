@@ -32,7 +32,12 @@ by all N pixels (mmseg's reduction: ignored pixels contribute 0 and stay in the 
             class (--daformer-fd-classes)
     L_mix = (1/N) sum_i w_m,i CE_i(up(f_theta(x_m)), y_m)
 
-    L = L_src + lambda_fd L_fd + L_mix          (lambda_fd = --daformer-lambda-fd; 0 turns f_I off)
+    L = L_src + lambda_fd L_fd + lambda_mix L_mix   (lambda_fd = --daformer-lambda-fd; 0 turns f_I off;
+                                                    lambda_mix = --daformer-lambda-mix, 1 as DAFormer)
+
+lambda_mix 0 leaves the supervised part L_src + lambda_fd L_fd: no teacher forward, no ClassMix, no mixed
+forward (the EMA update stays: it is cheap and draws no random numbers); the toy benchmark's recipe-only
+control of DAFormer.
 
 Recipe (RECIPE below): AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.01, the head x10 and no decay
 on norm / pos_block (the model's param_groups), linear warmup 1500 iterations then poly power 1, 40k
@@ -328,6 +333,9 @@ class DAFormer:
             logged["fd"] = loss_fd.detach()
         env.scaler.scale(loss).backward()
         del logits_s, loss
+        if args.daformer_lambda_mix == 0:  # the supervised part alone: nothing of steps 2-4 is computed
+            optimizer_step(self.optimizer, env.scaler)
+            return logged
 
         with torch.no_grad():
             # 2. teacher pseudo-labels on the target crop
@@ -350,7 +358,7 @@ class DAFormer:
             _, logits_m = model(xm)
         loss_mix = weighted_cross_entropy(upsample(logits_m, size, align_corners), ym, wm)
         logged["mix"] = loss_mix.detach()
-        env.scaler.scale(loss_mix).backward()
+        env.scaler.scale(args.daformer_lambda_mix * loss_mix).backward()
         optimizer_step(self.optimizer, env.scaler)
         return logged
 
@@ -383,6 +391,9 @@ def add_arguments(parser):
                        help="bottom rows with weight 0 (ego-car; default: 120 for a Cityscapes target, else 0)")
     group.add_argument("--daformer-lambda-fd", type=float, default=0.005,
                        help="weight of the thing-class ImageNet feature distance (0 turns it off)")
+    group.add_argument("--daformer-lambda-mix", type=common.nonnegative_float, default=1.0,
+                       help="weight of the mixed pseudo-label loss L_mix (0: the supervised part alone, no "
+                            "teacher forward or ClassMix)")
     group.add_argument("--daformer-fd-classes", type=int, nargs="*", default=list(THING_TRAINIDS),
                        help="Cityscapes trainIds of the classes the feature distance applies to")
     group.add_argument("--daformer-fd-min-ratio", type=float, default=0.75,

@@ -8,8 +8,9 @@ workshops, arXiv 2307.07972. Official code checked: github.com/RainJamesY/DIDA c
 be read: the maths below is what the released code computes, plus the SimMatch form it ports (Zheng et
 al., "SimMatch: Semi-supervised Learning with Similarity Matching", CVPR 2022, arXiv 2203.06915; USB's
 simmatch.py). The base (EMA teacher, pseudo-labels, ClassMix, feature distance, recipe) is DAFormer's:
-its pure functions come from uda/daformer.py, its objective L_daformer = L_src + lambda_fd L_fd + L_mix
-(the --daformer-... flags) is kept unchanged, and `DIDA.train_step` writes the whole iteration out.
+its pure functions come from uda/daformer.py, its objective L_daformer = L_src + lambda_fd L_fd +
+lambda_mix L_mix (the --daformer-... flags) is kept unchanged, and `DIDA.train_step` writes the whole
+iteration out.
 
 Symbols: e(.) the model's features (DAFormer head: fused 256-d map at stride 4, >= 0 after BN-ReLU);
 U(.) bilinear upsampling to the H x W crop (--align-corners, False as mmseg); bank entries f_k in R^D with
@@ -35,6 +36,9 @@ pasted-source mask; P the teacher's class probabilities on x_t^w, z the student'
   (simmatch).
 
   L = L_daformer + lambda_ins L_ins                              (lambda_ins = --dida-lambda-ins, 0.5)
+
+  --daformer-lambda-mix 0 drops L_mix (not computed, not logged); with --dida-lambda-ins 0 as well the
+  iteration is the supervised part alone (no teacher forward, no ClassMix), as in uda/daformer.py.
 
 Bank: K = --dida-bank-size entries, labels l_k = k mod C (K/C per class, the first K mod C classes one
 more). Filled with per-image class means of U(e_student(x_s)) over labelled source pixels: while a class
@@ -350,6 +354,10 @@ class DIDA:
         self.update_bank(features_s.detach(), ys, it)
         env.scaler.scale(loss).backward()
         del features_s, logits_s, loss
+        if args.daformer_lambda_mix == 0 and args.dida_lambda_ins == 0:  # no target term: steps 2-5 skipped
+            optimizer_step(self.optimizer, env.scaler)
+            logged["bank_filled"] = self.bank.filled.float().mean()
+            return logged
 
         bank, bank_labels = self.bank.entries()                              # (K', D), (K',)
         use_bank = bank_labels.numel() > 0 and (args.dida_lambda_ins > 0 or self.alpha < 1)
@@ -388,9 +396,11 @@ class DIDA:
         # 5. the student on the mixed image: DAFormer's L_mix and, scattering C -> K, L_ins
         with env.autocast():
             features_m, logits_m = model(xm)
-        loss_mix = daformer.weighted_cross_entropy(upsample(logits_m, size, align_corners), ym, wm)
-        logged["mix"] = loss_mix.detach()
-        loss = loss_mix
+        loss = None
+        if args.daformer_lambda_mix > 0:
+            loss_mix = daformer.weighted_cross_entropy(upsample(logits_m, size, align_corners), ym, wm)
+            logged["mix"] = loss_mix.detach()
+            loss = args.daformer_lambda_mix * loss_mix
         if args.dida_lambda_ins > 0:
             if sim_teacher is None:  # nothing labelled yet (an all-ignore first batch): no instance term
                 logged["ins"] = torch.zeros((), device=env.device)
@@ -402,9 +412,11 @@ class DIDA:
                 else:
                     calib = probs if args.dida_calibrate else None
                     loss_ins = simmatch_instance_loss(sim_teacher, sim_student, calib, bank_labels, ~mask)
-                loss = loss + args.dida_lambda_ins * loss_ins
+                weighted_ins = args.dida_lambda_ins * loss_ins
+                loss = weighted_ins if loss is None else loss + weighted_ins
                 logged["ins"] = loss_ins.detach()
-        env.scaler.scale(loss).backward()
+        if loss is not None:  # None: L_mix off and no bank entry yet
+            env.scaler.scale(loss).backward()
         optimizer_step(self.optimizer, env.scaler)
         logged["bank_filled"] = self.bank.filled.float().mean()
         return logged

@@ -37,16 +37,16 @@ Total, per micro-batch (1 / --plca-iter-size of the per-process batch), one SGD 
     (--lovasz-weight 1.5 in RECIPE; --plca-lambda-fass 0.1, --plca-lambda-cass 0.1, --plca-lambda-lsr 0.01).
 
 How the N x N maths is computed (exact, in fp32 under any autocast). A softmax ignores a constant
-added to its row and so does the std, so the mean of sigma drops out and
+added to its row and so does the std, so the mean in sigma drops out and
     max_j log sigma(r)_j = -log sum_j exp((r_j - max(r)) / (std(r) + eps)),
 and -KL(p_i || q_j) = p_i . log(q_j + eps) + (a constant of row i). Every similarity is therefore a
 product S = a b^T of two thin factors (cosine: D columns; -KL: C). `BestLinks` reads S in row blocks
 and returns the best log sigma and its index per row and, for the cosine level, per column (S' = S^T:
 one product serves both directions); `Aggregate` computes W c the same way. Their backward passes
-rebuild each block's softmax from saved row (and column) statistics, so nothing of size N x N x K is
-formed and no N x N product is done twice. --plca-chunk 0 keeps the cosine level's S and W for the
-backward; --plca-chunk R keeps no N x N matrix and recomputes R-row blocks instead (exact, less memory,
-slower). --plca-max-pixels K associates a random subset of K pixels per image, drawn from the method's
+rebuild each block's softmax from saved row (and column) statistics: nothing of size N x N x K is
+formed. --plca-chunk 0 keeps the cosine level's S and W for the backward, so no product of D columns
+is computed twice; --plca-chunk R keeps no N x N matrix and recomputes R-row blocks instead (exact,
+less memory, slower). --plca-max-pixels K associates a random subset of K pixels per image, drawn from the method's
 generator (approximate; the official USE_CROP trick is similar).
 
 Test-time aggregation (official tools/test.py, TEST.WITH_AGGREGATION=True in the test configs):
@@ -87,8 +87,8 @@ SIGMA_EPS = 1e-10       # official scoring(): (x - mean) / (std + 1e-10)
 KL_EPS = 1e-10          # official compute_sim_mat_kl(): log(x + 1e-10)
 NLL_CLAMP = 100.0       # torch.nn.BCELoss clamps log(x) at -100; the official loss is BCE(A A', 1)
 TTA_ALPHA = 0.5         # official tools/test.py: alpha = 0.5 for both test-time aggregations
-BLOCK_ELEMENTS = 1 << 22  # entries of one row block when --plca-chunk is 0 (16 MiB in fp32): a temporary
-                          # this size is reused by the allocator and matmuls on it run at full speed
+BLOCK_ELEMENTS = 1 << 22  # entries of one row block when --plca-chunk is 0 (16 MiB in fp32): temporaries
+                          # that fit the CPU's last-level cache, and blocks large enough for full-speed matmuls
 GENERATOR_STREAM = 7    # this method's stream of common.method_generator
 
 

@@ -53,6 +53,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -248,23 +249,29 @@ def make_data(work, factor):
     # `python -m uda.sdca init` has no --source-list: it reads data_lists/gta5/train.txt, so its run
     # points datasets.LISTS_DIR here, as tests/test_datasets.py does
     write_list(os.path.join(work, "data_lists", "gta5", "train.txt"), lists["gta5"])
-    small = make_small_val(work, root, lists["cityscapes val"][:SMALL_RUN])
+    # evaluate.py's short run reads SMALL_RUN val images; train.py's end-of-run evaluation one (it runs
+    # at 1024x512 whatever the size factor, and is no part of the measurement)
+    small = linked_cityscapes(os.path.join(work, "data-small", "cityscapes"), root, lists["cityscapes val"][:SMALL_RUN])
+    target = linked_cityscapes(os.path.join(work, "data-train", "cityscapes"), root, lists["cityscapes val"][:1],
+                               with_train=True)
     summary = {key: {"files": len(names), "size": size_text(scaled[key.split()[0]]),
                      "mean_image_mb": round(mean_file_mb(root, key, names), 2)} for key, names in lists.items()}
-    return argparse.Namespace(root=root, small_root=small, lists=list_files, lists_dir=os.path.join(work, "data_lists"),
+    return argparse.Namespace(root=root, small_root=os.path.dirname(small), train_target_root=target,
+                              lists=list_files, lists_dir=os.path.join(work, "data_lists"),
                               count={k: len(v) for k, v in lists.items()}, summary=summary)
 
 
-def make_small_val(work, root, names):
-    """A data root whose Cityscapes val holds `names` only (links): the short evaluation run."""
-    small = os.path.join(work, "data-small")
-    for name in names:
+def linked_cityscapes(folder, root, val_names, with_train=False):
+    """A Cityscapes folder of links into ROOT/cityscapes: val_names only in val, and all of train."""
+    for name in val_names:
         label = name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
         for sub, rel in (("leftImg8bit", name), ("gtFine", label)):
-            link = os.path.join(small, "cityscapes", sub, "val", rel)
+            link = os.path.join(folder, sub, "val", rel)
             os.makedirs(os.path.dirname(link), exist_ok=True)
             os.symlink(os.path.join(root, "cityscapes", sub, "val", rel), link)
-    return small
+    for sub in ("leftImg8bit", "gtFine") if with_train else ():
+        os.symlink(os.path.join(root, "cityscapes", sub, "train"), os.path.join(folder, sub, "train"))
+    return folder
 
 
 def mean_file_mb(root, key, names):
@@ -289,6 +296,35 @@ def run_logged(cmd, log_path, env=None):
         tic = time.perf_counter()
         code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     return code, time.perf_counter() - tic
+
+
+def run_training(cmd, log_path, last_iter, checkpoint=None):
+    """Run train.py until the log line of iteration `last_iter` (and, when given, until `checkpoint` is
+    written), then end it with its loader workers (its own process group): the end-of-run evaluation
+    (at 1024x512 whatever the size factor) is no part of the measurement. Returns (exit code: 0 once
+    that line was seen, wall seconds)."""
+    final = f"iter {last_iter}/{last_iter} "
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "a") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        tic = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        seen = False
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if line.startswith(final):
+                seen = True
+                break
+        while seen and checkpoint and not os.path.exists(checkpoint) and proc.poll() is None:
+            time.sleep(0.2)  # the save is atomic: the file exists once it is complete
+        if seen and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.write(proc.stdout.read())
+        code = proc.wait()
+    return (0 if seen else code), time.perf_counter() - tic
 
 
 def error_line(log_path, code):
@@ -355,7 +391,9 @@ class Harness:
     def train_command(self, method, settings, out, grad_checkpoint, explicit, extra=()):
         """train.py with the recipe; `explicit`: pass every setting (source_only at a method's settings)."""
         cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", method, "--source", settings["source"],
-               "--data-root", self.data.root, "--source-list", self.data.lists[list_key(settings["source"])],
+               "--source-root", os.path.join(self.data.root, settings["source"]),
+               "--target-root", self.data.train_target_root,
+               "--source-list", self.data.lists[list_key(settings["source"])],
                "--target-list", self.data.lists["cityscapes train"], "--out", out,
                "--stop-iter", str(self.opts.iters), "--eval-every", "0", "--log-every", "1",
                "--workers", str(self.workers), "--device", self.opts.device, "--amp", self.opts.amp]
@@ -383,7 +421,8 @@ class Harness:
         print(f"train {name} ...", flush=True)
         record = {}
         try:
-            code, wall = run_logged(self.train_command(method, settings, out, grad_checkpoint, explicit, extra), log)
+            cmd = self.train_command(method, settings, out, grad_checkpoint, explicit, extra)
+            code, wall = run_training(cmd, log, self.opts.iters, os.path.join(out, "last.pt") if keep else None)
             record["wall_s"] = round(wall, 1)
             if code != 0:
                 raise UserError(error_line(log, code))
@@ -575,6 +614,7 @@ def run_child(function, payload, log, env=None):
 
 
 CALIBRATION_IMAGES = ["00001.png", "00002.png"]
+RESIDUAL_SCALE = 0.2     # frozen bn3 scale of every bottleneck (see calibrate)
 CALIBRATION_FACTOR = 0.5  # calibrate at up to 640x360: the statistics of a random network barely depend on size
 
 
@@ -584,7 +624,10 @@ def calibrate(spec):
     A frozen BN with identity statistics (mean 0, variance 1) leaves a random DeepLab-v2's activations
     unnormalised: they grow through the 33 residual blocks, the first loss is ~1e4 and the second
     iteration NaN. Pretrained ImageNet weights come with BN statistics that normalise; so do these:
-    one forward in train mode with cumulative statistics (momentum None), then frozen.
+    one forward in train mode with cumulative statistics (momentum None), then frozen. Calibrated
+    alone, SGD at the recipes' LRs still diverges within 6 iterations (the random blocks' gradients are
+    large); each residual branch's last BN scale x RESIDUAL_SCALE keeps 12 iterations near log(19)
+    (the zero-gamma / SkipInit idea). Every operation, hence the cost, is unchanged.
     """
     torch.manual_seed(0)
     model = models.build_model(spec["backbone"], datasets.CITYSCAPES_19.num_classes, bn="train").train()
@@ -597,8 +640,12 @@ def calibrate(spec):
                           for p in spec["images"]])  # (B, 3, H, W) in [0, 1]
     with torch.no_grad():
         model(images)
+    models.freeze_batchnorm(model)
+    for module in model.modules():
+        if isinstance(module, models.Bottleneck):  # damped residual branches (zero-gamma / SkipInit idea)
+            module.bn3.weight.mul_(RESIDUAL_SCALE)
     os.makedirs(os.path.dirname(spec["out"]), exist_ok=True)
-    torch.save(models.freeze_batchnorm(model).state_dict(), spec["out"])
+    torch.save(model.state_dict(), spec["out"])
     return spec["out"]
 
 

@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 python -m uda.bench.toy --out runs/bench            # all methods, 3 seeds
     python -m uda.bench.toy --out runs/quick --methods fada,cdga --seeds 1 --iters 50 --warmup-iters 100
+    python -m uda.bench.toy --out runs/bench-b0 --seeds 1 --backbone mit-b0 --iters N --warmup-iters M
 
 Protocol (the README's "Toy benchmark" section says why), per seed s:
 1. warm-up: `train.py --method source_only --source toy-synth --lr 0.01 --iters W` from random init;
    every row below starts from this one checkpoint (`--pretrained`), as the papers start adaptation
    from a source-only model;
-2. rows, each `--iters N` from the warm-up with the same backbone (tiny), batch, seed and crop:
+2. rows, each `--iters N` from the warm-up with the same backbone (--backbone, default tiny, also the
+   warm-up's), batch, seed and crop:
    - source_only: the warm-up continued on toy-synth for N more iterations (the baseline);
    - oracle: source_only on toy-real's labelled train split for N iterations (`--source toy-real`):
      what the same budget from the same start reaches with target labels (the upper reference);
@@ -15,9 +17,15 @@ Protocol (the README's "Toy benchmark" section says why), per seed s:
      defaults except the toy flags below;
    - fada+selftrain: FADA's stage 4: argmax pseudo-labels of the seed's FADA model over toy-real train
      (`evaluate.py --save-pseudo`), then `--method selftrain` on them for N iterations;
+   - with --controls on (default), every adaptation method's recipe-only control (not a row of its
+     own): the method's command with its own adaptation terms off (CONTROLS) and everything else
+     (augmentation, optimiser, schedule, target batches) kept, from the same warm-up checkpoint.
+     Per seed s: recipe = control - source_only, idea = method - control (so recipe + idea = the
+     method's gain in that seed); the table gives mean ± sample std over seeds of both;
 3. each row is evaluated on toy-real val with `evaluate.py --json` (PLCA with its test-time aggregation,
    as evaluate.py does by default for PLCA checkpoints; EXTRA_EVALS adds a row for the same PLCA
-   checkpoint evaluated without it).
+   checkpoint evaluated without it). A backbone without a `.classifier` head (MiT's DAFormer head) cannot
+   aggregate at test time: there PLCA is evaluated without it and the extra row is left out.
 
 Toy flags, where a row departs from its method's RECIPE (train.py prints each run's recipe and what
 the command line overrode at the top of its train.log):
@@ -39,7 +47,8 @@ the command line overrode at the top of its train.log):
   back then (DAFormer's/DIDA's optimiser, RCS and crop re-draw; PLCA's head LR x1).
   Every method keeps its RECIPE's align_corners (its official code's, issue 15) and lovasz_weight; a
   RECIPE's backbone, BN mode, crop and sizes do not apply to the toy (train.py drops them).
-The flags of each row are recorded in results.json (config.flags).
+The flags of each row are recorded in results.json (config.flags), those of each control in its
+entry and in the table's notes.
 
 Each training is a subprocess of train.py (OMP_NUM_THREADS=1, --workers 0, CPU), --jobs of them at a
 time (one per core). sec/iter is the median over the logging windows of metrics.jsonl after the first
@@ -49,8 +58,10 @@ and the method's extra state). Both are averaged over seeds and reported as rati
 the same invocation.
 
 Output: OUT/results.json = {"methods": {name: {"miou": [per seed], "sec_per_iter", "peak_mem_mb",
-...}}, "config": {...}}, OUT/results.md (the table), and OUT/runs/s<seed>/<name>/ (train.log,
-metrics.jsonl, last.pt, eval.json) for every run.
+..., and for an adaptation method with --controls on: "control": {"miou": [per seed], "seeds", "flags",
+"evaluate_flags", ...}, "idea_gain", "recipe_gain": [per paired seed], "paired_seeds"}}, "config": {...}},
+OUT/results.md (the table and its notes), and OUT/runs/s<seed>/<name>/ (train.log, metrics.jsonl,
+last.pt, eval.json) for every run, controls under OUT/runs/s<seed>/<method>-control/.
 """
 import argparse
 import concurrent.futures
@@ -65,15 +76,17 @@ import subprocess
 import sys
 import time
 
+from uda import common, datasets, models
 from uda.bench import METHODS, TRAIN_DEFAULTS
 from uda.common import UserError, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE, ORACLE, SELFTRAIN_ROW = "source_only", "oracle", "fada+selftrain"
 # Extra evaluations of a method's own checkpoint, reported as rows of their own:
-# row name -> (method, evaluate.py flags). PLCA's test-time aggregation is part of its recipe (the
+# row name -> (method, evaluate.py flags). PLCA's test-time aggregation is part of PLCA as published (the
 # official test configs), so the `plca` row uses it; this row shows what the aggregation itself does.
-EXTRA_EVALS = {"plca, no test-time aggregation": ("plca", ["--tta-aggregate", "off"])}
+NO_AGGREGATION_ROW, NO_AGGREGATION = "plca, no test-time aggregation", ["--tta-aggregate", "off"]
+EXTRA_EVALS = {NO_AGGREGATION_ROW: ("plca", NO_AGGREGATION)}
 ADAMW_METHODS = ("daformer", "dida")  # keep their own optimiser recipe (AdamW, lr 6e-5)
 # DAFormer/DIDA recipe: linear LR warm-up over 1500 of 40,000 iterations (configs/_base_/schedules)
 DAFORMER_WARMUP_FRACTION = 1500 / 40000
@@ -85,10 +98,51 @@ PINNED = ("head_lr_mult", "momentum", "weight_decay", "poly_power", "warmup_iter
 # ... except the values a method set itself before RECIPEs existed (its set_defaults calls then)
 DAFORMER_KEPT = ("head_lr_mult", "weight_decay", "poly_power", "cat_max_ratio", "source_sampler")
 KEPT_RECIPE = {"daformer": DAFORMER_KEPT, "dida": DAFORMER_KEPT, "plca": ("head_lr_mult",)}
+# Recipe-only controls: the flags that switch a method's own adaptation terms off (its idea); the rest of
+# its command (augmentation, optimiser, schedule, target batches) is its recipe and stays.
+CONTROLS = {
+    "fada": ["--fada-lambda-adv", "0"],  # the adversarial term on target features
+    "daformer": ["--daformer-lambda-mix", "0"],  # the mixed pseudo-label term (EMA teacher + ClassMix)
+    # DIDA over DAFormer: the instance loss, the bank's evidence gathered into the pseudo-labels and the
+    # teacher's photometric weak view (there for the weak/strong instance consistency; DAFormer's teacher
+    # sees the clean crop): what remains is DAFormer
+    "dida": ["--dida-lambda-ins", "0", "--dida-gather-alpha", "1", "--dida-weak-view", "clean"],
+    "cdga": ["--cdga-lambda-adv", "0", "--cdga-lambda-sc", "0", "--cdga-lambda-orth", "0",
+             "--cdga-lambda-balance", "0"],  # group-wise adversarial alignment and the grouping losses
+    "sdca": ["--sdca-lambda-feat", "0", "--sdca-lambda-out", "0"],  # both pixel contrastive levels
+    # both association levels, and LSR: the official code applies it only with the association
+    "plca": ["--plca-lambda-fass", "0", "--plca-lambda-cass", "0", "--plca-lambda-lsr", "0"],
+}
+# evaluate.py flags of a control: PLCA's test-time aggregation is its spatial aggregation, part of its idea
+CONTROL_EVAL_FLAGS = {"plca": NO_AGGREGATION}
+# What the table's notes add to a control's flags
+CONTROL_NOTES = {
+    "dida": "DAFormer's iteration, with DIDA's random stream",
+    "sdca": "without the `python -m uda.sdca init` pass: its statistics feed only the contrastive terms",
+    "plca": "evaluated with `--tta-aggregate off`; the idea of the no-aggregation row is the training terms alone",
+}
 
 
 def method_names():
     return [name for name in METHODS if name not in (BASELINE, "selftrain")]
+
+
+def control_row(method):
+    """The name (task key, run folder, row of the summary) of a method's recipe-only control."""
+    return f"{method}-control"
+
+
+def controlled_method(row):
+    """The method whose control a row is compared with (an extra evaluation: its method's), or None."""
+    if row in CONTROLS:
+        return row
+    return EXTRA_EVALS[row][0] if row in EXTRA_EVALS else None
+
+
+def aggregates_at_test(backbone):
+    """Whether PLCA's test-time aggregation can run on `backbone`: it re-applies `model.classifier` to
+    aggregated features, and the DAFormer head of MiT has no such separate classifier."""
+    return hasattr(models.build_model(backbone, datasets.TOY_SPACE.num_classes), "classifier")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +174,7 @@ def recipe_pins(method, given):
 
 
 def train_command(method, out, seed, iters, args, pretrained=None, extra=()):
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", method, "--backbone", "tiny",
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", method, "--backbone", args.backbone,
            "--iters", str(iters), "--stop-iter", str(iters), "--batch-size", str(args.batch_size),
            "--seed", str(seed), "--out", out, "--workers", "0", "--device", "cpu", "--eval-every", "0",
            "--log-every", str(max(1, iters // args.windows))]
@@ -203,10 +257,11 @@ def build_tasks(args, methods):
                           [train_command(BASELINE, warm_dir, seed, args.warmup_iters, args,
                                          extra=["--lr", str(args.lr)])], 0, seed=seed))
 
-        def row(name, method, extra, deps=(f"s{seed}/warmup",), prefix=()):
+        def row(name, method, extra, deps=(f"s{seed}/warmup",), prefix=(), eval_flags=()):
             run_dir = os.path.join(root, name)
-            evals = [(name, "eval.json", [])] + [(extra_row, f"eval_{i}.json", flags) for i, (extra_row, (m, flags))
-                                                 in enumerate(EXTRA_EVALS.items()) if m == name and extra_row in args.rows]
+            evals = [(name, "eval.json", list(eval_flags))] + [
+                (extra_row, f"eval_{i}.json", flags) for i, (extra_row, (m, flags)) in enumerate(EXTRA_EVALS.items())
+                if m == name and extra_row in args.rows]
             commands = [*prefix, train_command(method, run_dir, seed, args.iters, args, warm, extra)]
             commands += [[sys.executable, evaluate_py, "--ckpt", os.path.join(run_dir, "last.pt"), "--workers", "0",
                           "--device", "cpu", "--json", os.path.join(run_dir, json_name), *flags]
@@ -221,8 +276,13 @@ def build_tasks(args, methods):
                 init = [sys.executable, "-m", "uda.sdca", "init", "--ckpt", warm, "--out", stats,
                         "--workers", "0", "--device", "cpu"]
                 row(method, method, extra + ["--sdca-init-stats", stats], prefix=[init])
+            elif method == "plca" and not args.test_time_aggregation:
+                row(method, method, extra, eval_flags=NO_AGGREGATION)
             else:
                 row(method, method, extra)
+        for method in methods if args.controls == "on" else ():  # after the methods: costliest rows first
+            row(control_row(method), method, toy_flags(method, args) + CONTROLS[method],
+                eval_flags=CONTROL_EVAL_FLAGS.get(method, ()))
         if SELFTRAIN_ROW in args.rows:
             pseudo = os.path.join(root, SELFTRAIN_ROW, "pseudo_labels")
             label = [sys.executable, evaluate_py, "--ckpt", os.path.join(root, "fada", "last.pt"), "--workers", "0",
@@ -277,26 +337,51 @@ def run_tasks(tasks, jobs, reuse):
 # --------------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------------
+def collect(tasks, name):
+    """One row (or control) over seeds: mIoU and seed of every finished run, mean cost, errors."""
+    runs = sorted((t for t in tasks if name in dict(t.evals)), key=lambda t: t.seed)
+    ok = [t for t in runs if t.result and "error" not in t.result]
+    entry = {"miou": [t.result["miou_by_row"][name] for t in ok], "seeds": [t.seed for t in ok]}
+    if ok:
+        entry["sec_per_iter"] = statistics.mean(t.result["sec_per_iter"] for t in ok)
+        entry["peak_mem_mb"] = max(t.result["peak_mem_mb"] for t in ok)
+    errors = [t.result["error"] for t in runs if t.result and "error" in t.result]
+    if errors:
+        entry["errors"] = errors
+    return entry
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def add_control(entry, name, tasks, base):
+    """The control of the row's method, and the per-seed differences over the seeds where the row, its
+    control and source_only all finished: recipe = control - source_only, idea = row - control."""
+    method = controlled_method(name)
+    if method is None or not any(t.row == control_row(method) for t in tasks):
+        return
+    control = collect(tasks, control_row(method))
+    control.update(flags=CONTROLS[method], evaluate_flags=CONTROL_EVAL_FLAGS.get(method, []))
+    entry["control"] = control
+    own, ctrl = dict(zip(entry["seeds"], entry["miou"])), dict(zip(control["seeds"], control["miou"]))
+    source = dict(zip(base.get("seeds", []), base.get("miou", [])))
+    paired = [s for s in control["seeds"] if s in own and s in source]
+    entry["paired_seeds"] = paired
+    entry["idea_gain"] = [own[s] - ctrl[s] for s in paired]
+    entry["recipe_gain"] = [ctrl[s] - source[s] for s in paired]
+    for key in ("idea_gain", "recipe_gain"):
+        if paired:
+            entry[key + "_mean"], entry[key + "_std"] = mean_std(entry[key])
+
+
 def summarize(tasks, rows):
-    methods = {}
-    for name in rows:
-        runs = sorted((t for t in tasks if name in dict(t.evals)), key=lambda t: t.seed)
-        ok = [t.result for t in runs if t.result and "error" not in t.result]
-        entry = {"miou": [r["miou_by_row"][name] for r in ok],
-                 "seeds": [t.seed for t in runs if t.result and "error" not in t.result]}
-        if ok:
-            entry["sec_per_iter"] = statistics.mean(r["sec_per_iter"] for r in ok)
-            entry["peak_mem_mb"] = max(r["peak_mem_mb"] for r in ok)
-        errors = [t.result["error"] for t in runs if t.result and "error" in t.result]
-        if errors:
-            entry["errors"] = errors
-        methods[name] = entry
+    methods = {name: collect(tasks, name) for name in rows}
     base, oracle = methods.get(BASELINE, {}), methods.get(ORACLE, {})
     for name, entry in methods.items():
         if not entry["miou"]:
             continue
-        entry["miou_mean"] = statistics.mean(entry["miou"])
-        entry["miou_std"] = statistics.stdev(entry["miou"]) if len(entry["miou"]) > 1 else 0.0
+        entry["miou_mean"], entry["miou_std"] = mean_std(entry["miou"])
         if base.get("miou"):
             entry["gain"] = entry["miou_mean"] - statistics.mean(base["miou"])
             entry["sec_per_iter_ratio"] = entry["sec_per_iter"] / base["sec_per_iter"]
@@ -307,45 +392,84 @@ def summarize(tasks, rows):
             if oracle.get("miou"):
                 gap = statistics.mean(oracle["miou"]) - statistics.mean(base["miou"])
                 entry["gap_closed"] = entry["gain"] / gap if gap > 0 else float("nan")
+    for name, entry in methods.items():
+        add_control(entry, name, tasks, base)
     return methods
+
+
+def paired_cells(e):
+    """The recipe and idea cells of a row: mean ± std of the per-seed differences, or why there are none."""
+    if "control" not in e:
+        return "–", "–"
+    if "idea_gain_mean" not in e:
+        why = "control failed" if e["control"].get("errors") else "no paired seed"
+        return why, why
+    return tuple(f"{e[key + '_mean']:+.2f} ± {e[key + '_std']:.2f}" for key in ("recipe_gain", "idea_gain"))
 
 
 def markdown_table(methods):
     lines = ["| method | toy-real val mIoU9 (mean ± std) | per seed | gain over source_only | seeds above "
-             "source_only | share of gap closed | sec/iter | × source_only | peak MB | × source_only |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "source_only | share of gap closed | sec/iter | × source_only | peak MB | × source_only | "
+             "recipe: control − source_only | idea: method − control |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in methods.items():
         if not e["miou"]:
-            lines.append(f"| {name} | failed: {'; '.join(e.get('errors', []))} |" + " |" * 8)
+            lines.append(f"| {name} | failed: {'; '.join(e.get('errors', []))} |" + " |" * 10)
             continue
         seeds = ", ".join(f"{m:.1f}" for m in e["miou"])
         fmt = lambda key, spec: format(e[key], spec) if key in e and not math.isnan(e[key]) else "–"
         above = f"{e['seeds_above_source_only']}/{len(e['miou'])}" if name != BASELINE and "gain" in e else "–"
         lines.append(f"| {name} | {e['miou_mean']:.2f} ± {e['miou_std']:.2f} | {seeds} | {fmt('gain', '+.2f')} | "
                      f"{above} | {fmt('gap_closed', '.0%')} | {e['sec_per_iter']:.4f} | "
-                     f"{fmt('sec_per_iter_ratio', '.2f')} | {e['peak_mem_mb']:.0f} | {fmt('peak_mem_ratio', '.2f')} |")
+                     f"{fmt('sec_per_iter_ratio', '.2f')} | {e['peak_mem_mb']:.0f} | {fmt('peak_mem_ratio', '.2f')} | "
+                     + " | ".join(paired_cells(e)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_notes(args):
+    """The notes under the table: how recipe and idea are computed, each control's flags, backbone caveats."""
+    lines = []
+    if args.controls == "on":
+        lines += ["recipe = control − source_only, idea = method − control: mean ± sample std over seeds of the "
+                  "per-seed differences (the three runs of a seed start from its warm-up checkpoint; recipe + "
+                  "idea = the method's gain in every seed). A control is its method's command with these flags "
+                  "(everything else, augmentation, optimiser, schedule and target batches, kept):", ""]
+        for method in args.methods:
+            note = f" ({CONTROL_NOTES[method]})" if method in CONTROL_NOTES else ""
+            lines.append(f"- {method}: `{' '.join(CONTROLS[method])}`{note}")
+    if "plca" in args.methods and not args.test_time_aggregation:
+        lines += ["", f"PLCA's test-time aggregation is off in its row: `--backbone {args.backbone}` has no "
+                      "`.classifier` head to re-apply to aggregated features (so no no-aggregation row either)."]
+    return "\n".join(lines).strip() + "\n" if lines else ""
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uda.bench.toy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(prog="python -m uda.bench.toy", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, runs/)")
     p.add_argument("--methods", default="all",
                    help=f"comma-separated adaptation methods, or 'all'; source_only and the oracle always run; "
                         f"{SELFTRAIN_ROW} runs with fada unless --no-selftrain")
     p.add_argument("--no-selftrain", action="store_true", help=f"leave out the {SELFTRAIN_ROW} row")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (each: its own warm-up and rows)")
-    p.add_argument("--iters", type=int, default=400, help="iterations of every row after the warm-up")
-    p.add_argument("--warmup-iters", type=int, default=1000, help="source-only warm-up iterations per seed")
-    p.add_argument("--lr", type=float, default=0.01,
-                   help="SGD backbone LR of the tiny backbone (warm-up, source_only, oracle, SGD methods)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per domain per iteration, every row")
-    p.add_argument("--windows", type=int, default=10, help="logging windows per run (sec/iter: median after the first)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one per idle core)")
+    p.add_argument("--controls", choices=["on", "off"], default="on",
+                   help="also run every method's recipe-only control (CONTROLS) for the recipe and idea columns")
+    p.add_argument("--backbone", default="tiny", choices=models.BACKBONES,
+                   help="network of every run, the warm-up included (from random init: the toy has no "
+                        "ImageNet weights)")
+    p.add_argument("--seeds", type=common.positive_int, default=3, help="seeds 0..N-1 (each: its own warm-up and rows)")
+    p.add_argument("--iters", type=common.positive_int, default=400, help="iterations of every row after the warm-up")
+    p.add_argument("--warmup-iters", type=common.positive_int, default=1000,
+                   help="source-only warm-up iterations per seed")
+    p.add_argument("--lr", type=common.positive_float, default=0.01,
+                   help="SGD backbone LR (warm-up, source_only, oracle, SGD methods; 0.01: the tiny backbone's "
+                        "source-only LR)")
+    p.add_argument("--batch-size", type=common.positive_int, default=4, help="images per domain per iteration, every row")
+    p.add_argument("--windows", type=common.positive_int, default=10,
+                   help="logging windows per run (sec/iter: median after the first)")
+    p.add_argument("--jobs", type=common.positive_int, default=2, help="runs at a time (one per idle core)")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs found under OUT/runs (their timings come from the earlier invocation)")
     args = p.parse_args(argv)
@@ -358,12 +482,11 @@ def parse_args(argv=None):
         if unknown:
             raise UserError(f"--methods: unknown {', '.join(unknown)} (expected 'all' or a comma-separated subset "
                             f"of {', '.join(available)})")
-    for flag in ("seeds", "iters", "warmup_iters", "batch_size", "jobs", "windows"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
     args.methods = methods
+    args.test_time_aggregation = aggregates_at_test(args.backbone)
     args.rows = [BASELINE, ORACLE, *methods]
-    args.rows += [row for row, (method, _) in EXTRA_EVALS.items() if method in methods]
+    if args.test_time_aggregation:  # else PLCA's own row is already without it
+        args.rows += [row for row, (method, _) in EXTRA_EVALS.items() if method in methods]
     if "fada" in methods and not args.no_selftrain:
         args.rows.append(SELFTRAIN_ROW)
     return args
@@ -374,8 +497,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     tasks = build_tasks(args, args.methods)
     tic = time.time()
-    print(f"benchmark: {len(args.rows)} rows x {args.seeds} seeds, warm-up {args.warmup_iters} + {args.iters} "
-          f"iterations, {args.jobs} job(s) at a time -> {args.out}", flush=True)
+    controls = f" + {len(args.methods)} controls" if args.controls == "on" else ""
+    print(f"benchmark: {len(args.rows)} rows{controls} x {args.seeds} seeds, --backbone {args.backbone}, warm-up "
+          f"{args.warmup_iters} + {args.iters} iterations, {args.jobs} job(s) at a time -> {args.out}", flush=True)
     run_tasks(tasks, args.jobs, args.reuse)
     methods = summarize(tasks, args.rows)
     config = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "uda.bench.toy", *(argv or sys.argv[1:])]),
@@ -383,14 +507,17 @@ def main(argv=None):
               "wall_s": time.time() - tic, "seeds": args.seeds, "iters": args.iters,
               "warmup_iters": args.warmup_iters, "lr": args.lr, "batch_size": args.batch_size, "jobs": args.jobs,
               "load_average": os.getloadavg(), "cpus": os.cpu_count(),
-              "flags": {m: toy_flags(m, args) for m in args.methods}}
+              "flags": {m: toy_flags(m, args) for m in args.methods}, "backbone": args.backbone,
+              "controls": args.controls, "control_flags": {m: CONTROLS[m] for m in args.methods if args.controls == "on"},
+              "plca_test_time_aggregation": args.test_time_aggregation}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"methods": methods, "config": config}, f, indent=2)
-    table = markdown_table(methods)
+    table, notes = markdown_table(methods), markdown_notes(args)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"`{config['command']}` ({config['date']}, {config['wall_s'] / 60:.1f} min)\n\n{table}")
-    print(table, flush=True)
-    if any("errors" in e for e in methods.values()):
+        f.write(f"`{config['command']}` ({config['date']}, {config['wall_s'] / 60:.1f} min)\n\n{table}"
+                + (f"\n{notes}" if notes else ""))
+    print(table + (f"\n{notes}" if notes else ""), flush=True)
+    if any("errors" in e or "errors" in e.get("control", {}) for e in methods.values()):
         raise SystemExit(1)
 
 
