@@ -29,10 +29,15 @@ leftImg8bit/ + gtFine/ labelIds), a few dozen files in a temporary folder, liste
 blocks, each one of 10-19 of the 19 classes (plus a void block), so samplers, ClassMix and the
 thing-class terms see many classes; an image is its label's Cityscapes colours with a shading gradient
 and noise (PNG sizes near real photos'). train.py runs as a subprocess with only these flags beyond
-the recipe: --stop-iter --iters, --eval-every 0, --log-every 1, --workers, --device, --amp,
---grad-checkpoint, and the sizes when --size-factor is not 1 (then every size is scaled: the images,
---source-size, --target-size, --crop, --selftrain-crop, DAFormer's ignored pseudo-label rows and RCS's
-pixel threshold). No --pretrained: random weights cost the same as trained ones.
+the recipe: --stop-iter (--iters N; the recipe's schedule length is kept), --eval-every 0, --log-every
+1, --workers, --device, --amp, --grad-checkpoint, the data folders and lists, and the sizes when
+--size-factor is not 1 (then every size is scaled: the images, --source-size, --target-size, --crop,
+--selftrain-crop, DAFormer's ignored pseudo-label rows and RCS's pixel threshold). Weights are random
+(no pretrained file), with one exception: the frozen-BN recipes (DeepLab-v2 with --bn frozen: source-
+only, FADA, SDCA, CDGA) get `--pretrained` of a random network whose frozen BN statistics are
+calibrated (see `calibrate`): with identity statistics a random DeepLab-v2 diverges to NaN at its
+second iteration, which ends the run. Once the last iteration is logged (and the checkpoint the stages
+read is saved) the run is ended: its end-of-run evaluation is no part of the measurement.
 Per-image stage times are differences of two subprocess runs (a few images, then all) divided by the
 difference in images, so start-up costs cancel. Loading and statistics times are CPU times of a
 one-thread process over every file (in the page cache: decode and transforms, not disk reads).
@@ -132,9 +137,6 @@ def recipe_settings(method, source="gta5"):
 
 def scaled_settings(settings, factor):
     return {**settings, **{k: scale_size(settings[k], factor) for k in ("crop", "source_size", "target_size")}}
-
-
-GROUP_KEYS = ("source", "backbone", "bn", "batch_size", "crop", "source_size", "random_scale")
 
 
 def group_label(settings):
@@ -287,44 +289,54 @@ def slug(name):
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_")
 
 
-def run_logged(cmd, log_path, env=None):
-    """Run cmd (cwd: the repository), output appended to log_path; returns (exit code, wall seconds)."""
+CRASH = re.compile(r"(error: |[A-Za-z_][\w.]*(Error|Exception)(: |$))")  # a one-line error, a traceback's end
+CRASH_GRACE_S = 20  # a crashed train.py / evaluate.py with loader workers may never exit (see run_logged)
+
+
+def run_logged(cmd, log_path, env=None, final=None, checkpoint=None):
+    """Run cmd (cwd: the repository) in its own process group, output appended to log_path; returns
+    (exit code, wall seconds).
+
+    final: a line prefix (train.py's log line of its last iteration) after which the run is complete;
+    then, once `checkpoint` (when given) exists, the group is ended: train.py's end-of-run evaluation (at
+    1024x512 whatever the size factor) is no part of the measurement; the exit code is then 0. A crash
+    (an `error:` line, a traceback's last line) gets CRASH_GRACE_S to exit, then the group is ended:
+    after an uncaught exception, multiprocessing's exit handler waits for loader workers that ignore
+    SIGTERM (train.ignore_stop_signals), forever.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    with open(log_path, "a") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        tic = time.perf_counter()
-        code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    return code, time.perf_counter() - tic
-
-
-def run_training(cmd, log_path, last_iter, checkpoint=None):
-    """Run train.py until the log line of iteration `last_iter` (and, when given, until `checkpoint` is
-    written), then end it with its loader workers (its own process group): the end-of-run evaluation
-    (at 1024x512 whatever the size factor) is no part of the measurement. Returns (exit code: 0 once
-    that line was seen, wall seconds)."""
-    final = f"iter {last_iter}/{last_iter} "
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "a") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         tic = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
-        seen = False
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if line.startswith(final):
-                seen = True
-                break
-        while seen and checkpoint and not os.path.exists(checkpoint) and proc.poll() is None:
-            time.sleep(0.2)  # the save is atomic: the file exists once it is complete
-        if seen and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        complete = False
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                complete = final is not None and line.startswith(final)
+                if complete or CRASH.match(line):
+                    break
+            while complete and checkpoint and not os.path.exists(checkpoint) and proc.poll() is None:
+                time.sleep(0.2)  # the save is atomic: the file exists once it is complete
+            if not complete:
+                proc.wait(timeout=CRASH_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # always, also when the harness is interrupted: its children's session gets no Ctrl-C
+            end_group(proc.pid)
         log.write(proc.stdout.read())
         code = proc.wait()
-    return (0 if seen else code), time.perf_counter() - tic
+    return (0 if complete else code), time.perf_counter() - tic
+
+
+def end_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # every process of the group has exited
+        pass
 
 
 def error_line(log_path, code):
@@ -422,7 +434,8 @@ class Harness:
         record = {}
         try:
             cmd = self.train_command(method, settings, out, grad_checkpoint, explicit, extra)
-            code, wall = run_training(cmd, log, self.opts.iters, os.path.join(out, "last.pt") if keep else None)
+            code, wall = run_logged(cmd, log, final=f"iter {self.opts.iters}/{self.opts.iters} ",
+                                    checkpoint=os.path.join(out, "last.pt") if keep else None)
             record["wall_s"] = round(wall, 1)
             if code != 0:
                 raise UserError(error_line(log, code))
