@@ -28,7 +28,7 @@ leftImg8bit/ + gtFine/ labelIds), a few dozen files in a temporary folder, liste
 --source-list / --target-list (the shipped data lists name the full datasets). A label is a grid of
 blocks, each one of 10-19 of the 19 classes (plus a void block), so samplers, ClassMix and the
 thing-class terms see many classes; an image is its label's Cityscapes colours with a shading gradient
-and noise (PNG sizes near real photos'). train.py runs as a subprocess with only these flags beyond
+and noise (PNGs of 3-4 MB at full size). train.py runs as a subprocess with only these flags beyond
 the recipe: --stop-iter (--iters N; the recipe's schedule length is kept), --eval-every 0, --log-every
 1, --workers, --device, --amp, --grad-checkpoint, the data folders and lists, and the sizes when
 --size-factor is not 1 (then every size is scaled: the images, --source-size, --target-size, --crop,
@@ -87,7 +87,7 @@ CITIES = {"train": ["aachen", "bochum"], "val": ["frankfurt", "lindau"]}
 SMALL_RUN = 2             # images of the short run whose time is subtracted (per-image stages)
 GRID = (6, 8)             # label blocks per image: rows, columns
 MIN_CLASSES = 10          # classes per image: 10..19, so per-image class sets differ (class-balanced sampler)
-NOISE_STD = 12.0          # image noise: PNGs about as large as real photos'
+NOISE_STD = 6.0           # image noise: full-size PNGs of 3-4 MB, a little above real photos (a safe side)
 FULL = {name: datasets.EXPECTED[key] for name, key in
         (("GTA5 train", ("gta5", "train")), ("SYNTHIA train", ("synthia", "train")),
          ("Cityscapes train", ("cityscapes", "train")), ("Cityscapes val", ("cityscapes", "val")))}
@@ -465,12 +465,12 @@ class Harness:
     def default_settings(self):
         return scaled_settings(recipe_settings("source_only"), self.factor)
 
-    def measure_training(self, method, settings, publish, extra=(), baseline_extra=()):
-        """A method's (or selftrain's) entry: the plain run with its ratios to the baseline, published
-        (saved) before the checkpointed run starts, then that run."""
+    def measure_training(self, method, settings, publish, extra=(), baseline=None, baseline_extra=()):
+        """A method's (or selftrain's) entry: the plain run with its ratios to source_only at `baseline`
+        settings (default: the method's), published (saved) before the checkpointed run starts, then that run."""
         entry = {"settings": settings, "official": OFFICIAL.get(method), "grad_checkpoint": None}
         if self.opts.grad_checkpoint != "on":
-            label, base = self.baseline(settings, baseline_extra)
+            label, base = self.baseline(baseline or settings, baseline_extra)
             run = base if method == "source_only" else \
                 self.train(f"{method}@{describe(settings)}", method, settings, extra=extra)
             entry.update(plain_entry(run, base, label, METHODS[method].RECIPE))
@@ -506,14 +506,14 @@ class Harness:
         self.save()
         return record
 
-    def per_image(self, name, command, full, env=None):
+    def per_image(self, name, command, full):
         """Seconds per image: (time of the full run - time of a SMALL_RUN-image run) / the extra images.
 
         command(n, tag) -> argv of a run over n images (None = all `full`)."""
         log = os.path.join(self.logs, slug(name) + ".log")
         times = {}
         for n, tag in ((SMALL_RUN, "small"), (None, "full")):
-            code, times[tag] = run_logged(command(n, tag), log, env)
+            code, times[tag] = run_logged(command(n, tag), log)
             if code != 0:
                 raise UserError(error_line(log, code))
         return (times["full"] - times["small"]) / (full - SMALL_RUN), times
@@ -541,7 +541,8 @@ class Harness:
 
     def pseudo_labels(self, rule):
         ckpt = self.checkpoint()
-        out = lambda tag: os.path.join(self.work, f"pseudo-{rule}-{tag}")
+        def out(tag):
+            return os.path.join(self.work, f"pseudo-{rule}-{tag}")
 
         def command(n, tag):
             cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--ckpt", ckpt, "--target", "cityscapes",
@@ -551,7 +552,7 @@ class Harness:
         seconds, times = self.per_image(f"pseudo_labels {rule}", command, self.data.count["cityscapes train"])
         self.pseudo_dirs[rule] = out("full")
         return stage_record(seconds, times, "Cityscapes train",
-                            {"rule": rule, "input_size": scale_size((1024, 512), self.factor),
+                            {"rule": rule, "input_size": scale_size(datasets.default_eval_size("cityscapes"), self.factor),
                              "softmax_size": scale_size(NATIVE["cityscapes"], self.factor),
                              "checkpoint": "source_only " + REAL_BACKBONE})
 
@@ -566,7 +567,7 @@ class Harness:
                     "--amp", self.opts.amp] + self.eval_size()
         seconds, times = self.per_image("evaluation", command, self.data.count["cityscapes val"])
         return stage_record(seconds, times, "Cityscapes val",
-                            {"input_size": scale_size((1024, 512), self.factor),
+                            {"input_size": scale_size(datasets.default_eval_size("cityscapes"), self.factor),
                              "label_size": scale_size(NATIVE["cityscapes"], self.factor),
                              "checkpoint": "source_only " + REAL_BACKBONE})
 
@@ -579,11 +580,15 @@ class Harness:
             return self.save()
         settings = scaled_settings(recipe_settings("selftrain", source="cityscapes"), self.factor)
         pseudo = ["--pseudo-dir", self.pseudo_dirs["argmax"]]
+        # the loader delivers whole images, the method forwards --selftrain-crop crops of them: source_only
+        # at that crop is the step of the same size
+        crop = scale_size(flag_default("selftrain", "selftrain_crop"), self.factor)
 
         def publish(entry):
             self.results["stages"]["selftrain"] = entry
             self.save()
-        self.measure_training("selftrain", settings, publish, extra=pseudo, baseline_extra=pseudo)
+        self.measure_training("selftrain", settings, publish, extra=pseudo, baseline={**settings, "crop": crop},
+                              baseline_extra=pseudo)
 
     def loading_and_statistics(self, want_loading, want_stats):
         """Both in one child process with one thread (as one loader worker); a failing item is its own error."""
@@ -805,18 +810,19 @@ def goals(results):
     methods, stages = results["methods"], results["stages"]
     out = []
 
-    def add(row, goal, value, limit, measured=True, unit=""):
+    def add(row, goal, value, limit, measured=True, unit="x"):
         status = "not measured" if value is None or not measured else ("met" if value <= limit else "not met")
+        digits = {"x": 2, " ms": 1, " MB": 0}[unit]
         out.append({"row": row, "goal": goal, "status": status,
-                    "value": None if value is None else f"{value:.2f}{unit}{where if measured else ''}"})
+                    "value": None if value is None else f"{value:.{digits}f}{unit}{where if measured else ''}"})
 
     for method, limit in STEP_GOALS.items():
         if method in methods:
-            add(method, f"step <= {limit}x source-only", methods[method].get("sec_per_iter_ratio"), limit, unit="x")
+            add(method, f"step <= {limit}x source-only", methods[method].get("sec_per_iter_ratio"), limit)
     if "dida" in methods:
         dida, base = methods["dida"].get("sec_per_iter"), methods.get("daformer", {}).get("sec_per_iter")
         add("dida", f"step <= {DIDA_OVER_DAFORMER}x daformer", dida / base if dida and base else None,
-            DIDA_OVER_DAFORMER, unit="x")
+            DIDA_OVER_DAFORMER)
     for name, record in stages.items():
         if name.startswith("data_loading gta5"):
             add(name, f"<= {LOADING_GOAL_MS:.0f} ms per GTA5 item per worker", record.get("ms_per_item"),
@@ -830,6 +836,12 @@ def goals(results):
         add(row, "peak <= 12 GB with --grad-checkpoint", gc.get("peak_mem_mb"), GC_GOAL_MB,
             measured=real and config["device"] == "cuda", unit=" MB")
     return out
+
+
+def describe_stage(settings):
+    """'dataset gta5, split train, size 320x180, labeled, augment': the values that are set."""
+    return ", ".join(k if v is True else f"{k} {v}" for k, v in settings.items()
+                     if v not in (None, False) and not (k == "cat_max_ratio" and v == 1.0))
 
 
 def fmt(value, spec):
@@ -856,7 +868,7 @@ def markdown(results):
                                                   + (f" ({goal['value']})" if goal["value"] else ""))
     for name, e in [*results["methods"].items(), *results["stages"].items()]:
         settings = describe(e["settings"]) if "backbone" in e.get("settings", {}) else \
-            ", ".join(f"{k} {v}" for k, v in e.get("settings", {}).items() if v not in (None, False, 1.0))
+            describe_stage(e.get("settings", {}))
         if "error" in e:
             settings += f" — **error**: {e['error']}"
         timing = fmt(e.get("sec_per_iter"), ".3f") if "sec_per_iter" in e else \

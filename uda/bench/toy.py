@@ -39,7 +39,8 @@ the command line overrode at the top of its train.log):
 - fada+selftrain: --source toy-real --pseudo-dir, --crop 256x128 (whole toy images in), --selftrain-crop
   128x64 (FADA's half-size crop of 2048x1024) and --lr 2 x --lr (FADA's self-distillation LR over its
   adaptation LR, 5e-4 / 2.5e-4);
-- sdca: --sdca-init-stats from `python -m uda.sdca init` on the warm-up checkpoint (its recipe);
+- sdca: --sdca-init-stats from `python -m uda.sdca init` on the warm-up checkpoint (its recipe; over
+  --sdca-init-images of toy-synth train, default all);
 - PINNED (head_lr_mult, momentum, weight_decay, poly_power, warmup_iters, cat_max_ratio,
   source_sampler): a RECIPE value of one of these becomes train.py's default again on the toy, as every
   row ran before the methods had RECIPEs (FADA's and SDCA's class-balanced sampler, say), so the
@@ -275,6 +276,8 @@ def build_tasks(args, methods):
                 stats = os.path.join(root, "sdca", "init_stats.pt")
                 init = [sys.executable, "-m", "uda.sdca", "init", "--ckpt", warm, "--out", stats,
                         "--workers", "0", "--device", "cpu"]
+                if args.sdca_init_images:
+                    init += ["--max-images", str(args.sdca_init_images)]
                 row(method, method, extra + ["--sdca-init-stats", stats], prefix=[init])
             elif method == "plca" and not args.test_time_aggregation:
                 row(method, method, extra, eval_flags=NO_AGGREGATION)
@@ -432,7 +435,7 @@ def markdown_notes(args):
     if args.controls == "on":
         lines += ["recipe = control − source_only, idea = method − control: mean ± sample std over seeds of the "
                   "per-seed differences (the three runs of a seed start from its warm-up checkpoint; recipe + "
-                  "idea = the method's gain in every seed). A control is its method's command with these flags "
+                  "idea = the method's gain over source_only in that seed). A control is its method's command with these flags "
                   "(everything else, augmentation, optimiser, schedule and target batches, kept):", ""]
         for method in args.methods:
             note = f" ({CONTROL_NOTES[method]})" if method in CONTROL_NOTES else ""
@@ -459,6 +462,9 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default="tiny", choices=models.BACKBONES,
                    help="network of every run, the warm-up included (from random init: the toy has no "
                         "ImageNet weights)")
+    p.add_argument("--sdca-init-images", type=common.positive_int, default=None, metavar="N",
+                   help="images of SDCA's initialisation pass (default: all 4000 of toy-synth train, as its "
+                        "recipe; a larger backbone may need fewer)")
     p.add_argument("--seeds", type=common.positive_int, default=3, help="seeds 0..N-1 (each: its own warm-up and rows)")
     p.add_argument("--iters", type=common.positive_int, default=400, help="iterations of every row after the warm-up")
     p.add_argument("--warmup-iters", type=common.positive_int, default=1000,
@@ -466,7 +472,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=common.positive_float, default=0.01,
                    help="SGD backbone LR (warm-up, source_only, oracle, SGD methods; 0.01: the tiny backbone's "
                         "source-only LR)")
-    p.add_argument("--batch-size", type=common.positive_int, default=4, help="images per domain per iteration, every row")
+    p.add_argument("--batch-size", type=common.positive_int, default=4,
+                   help="images per domain per iteration, every row")
     p.add_argument("--windows", type=common.positive_int, default=10,
                    help="logging windows per run (sec/iter: median after the first)")
     p.add_argument("--jobs", type=common.positive_int, default=2, help="runs at a time (one per idle core)")
@@ -506,9 +513,11 @@ def main(argv=None):
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": time.time() - tic, "seeds": args.seeds, "iters": args.iters,
               "warmup_iters": args.warmup_iters, "lr": args.lr, "batch_size": args.batch_size, "jobs": args.jobs,
+              "sdca_init_images": args.sdca_init_images,
               "load_average": os.getloadavg(), "cpus": os.cpu_count(),
               "flags": {m: toy_flags(m, args) for m in args.methods}, "backbone": args.backbone,
-              "controls": args.controls, "control_flags": {m: CONTROLS[m] for m in args.methods if args.controls == "on"},
+              "controls": args.controls,
+              "control_flags": {m: CONTROLS[m] for m in args.methods if args.controls == "on"},
               "plca_test_time_aggregation": args.test_time_aggregation}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"methods": methods, "config": config}, f, indent=2)
