@@ -379,8 +379,8 @@ def test_toy_pipeline_and_exact_resume(tmp_path):
     assert r.returncode == 0, r.stderr
     init = torch.load(stats)
     assert init["out"]["count"].sum().item() == 8 * (128 // 8) * (256 // 8)  # toy images are 256 x 128
-    # the recipe's sampler (class-balanced); BN stays trainable on the tiny net; evaluation only where a run stops, so the
-    # split at 3 is an evaluation point of the interrupted run only
+    # the recipe's sampler (class-balanced); BN stays trainable on the tiny net; evaluation only where a
+    # run stops, so the split at 3 is an evaluation point of the interrupted run only
     common_flags = ["--method", "sdca", "--pretrained", src, "--sdca-init-stats", stats, *TOY_FAST,
                     "--eval-every", "100"]
     r = run_script("train.py", *common_flags, "--stop-iter", "6", "--out", tmp_path / "full")
