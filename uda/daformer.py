@@ -35,9 +35,9 @@ by all N pixels (mmseg's reduction: ignored pixels contribute 0 and stay in the 
     L = L_src + lambda_fd L_fd + lambda_mix L_mix   (lambda_fd = --daformer-lambda-fd; 0 turns f_I off;
                                                     lambda_mix = --daformer-lambda-mix, 1 as DAFormer)
 
-lambda_mix 0 leaves the supervised part L_src + lambda_fd L_fd: no teacher forward, no ClassMix, no mixed
-forward (the EMA update stays: it is cheap and draws no random numbers); the toy benchmark's recipe-only
-control of DAFormer.
+lambda_mix 0 leaves the supervised part L_src + lambda_fd L_fd with DAFormer's recipe (the ablation of its
+self-training): no teacher forward, no ClassMix, no mixed forward (the EMA update stays: it is cheap and
+draws no random numbers).
 
 Recipe (RECIPE below): AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.01, the head x10 and no decay
 on norm / pos_block (the model's param_groups), linear warmup 1500 iterations then poly power 1, 40k

@@ -619,11 +619,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def run_child(function, payload, log, env=None):
     """function(payload) of this module in a fresh Python process; its JSON result (a failure: UserError)."""
-    code = ("import json, sys, torch; from uda.bench import scale; "
-            "torch.set_num_threads(int(sys.argv[3])) if sys.argv[3] != '0' else None; "
+    code = ("import json, sys; from uda.bench import scale; "
             "print('RESULT ' + json.dumps(getattr(scale, sys.argv[1])(json.loads(sys.argv[2]))), flush=True)")
-    threads = (env or {}).get("OMP_NUM_THREADS", "0")
-    status, _ = run_logged([sys.executable, "-c", code, function, json.dumps(payload), threads], log, env)
+    status, _ = run_logged([sys.executable, "-c", code, function, json.dumps(payload)], log, env)
     with open(log) as f:
         found = [line[len("RESULT "):] for line in f if line.startswith("RESULT ")]
     if status != 0 or not found:
@@ -761,6 +759,7 @@ SPACES = {"cityscapes": datasets.CITYSCAPES_19, "synthia": datasets.SYNTHIA_16}
 
 def probe_all(specs):
     """[per spec: {"ms_per_item", "wall_ms_per_item", "items"} or {"error"}]: run in the one-thread child."""
+    torch.set_num_threads(1)  # a loader worker's share (the child's OMP_NUM_THREADS is 1 too)
     results = []
     for spec in specs:
         try:

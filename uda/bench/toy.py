@@ -120,7 +120,7 @@ CONTROL_EVAL_FLAGS = {"plca": NO_AGGREGATION}
 CONTROL_NOTES = {
     "dida": "DAFormer's iteration, with DIDA's random stream",
     "sdca": "without the `python -m uda.sdca init` pass: its statistics feed only the contrastive terms",
-    "plca": "evaluated with `--tta-aggregate off`; the idea of the no-aggregation row is the training terms alone",
+    "plca": "evaluated with `--tta-aggregate off`, as source_only: the test-time aggregation counts as PLCA's idea",
 }
 
 
