@@ -56,8 +56,8 @@ def test_a_failing_method_is_one_line_in_the_saved_results(tmp_path):
                               grad_checkpoint="off", argv=["--out", "x"])
     os.makedirs(os.path.join(opts.out, "logs"))
     missing = str(tmp_path / "nothing")
-    data = argparse.Namespace(root=missing, train_target_root=missing, lists={"gta5": missing, "cityscapes train": missing},
-                              summary={})
+    data = argparse.Namespace(root=missing, train_target_root=missing, summary={},
+                              lists={"gta5": missing, "cityscapes train": missing})
     harness = scale.Harness(opts, data, str(tmp_path / "work"))
     harness.method("source_only")
     with open(os.path.join(opts.out, "scale.json")) as f:

@@ -468,7 +468,8 @@ class Harness:
     def measure_training(self, method, settings, publish, extra=(), baseline=None, baseline_extra=()):
         """A method's (or selftrain's) entry: the plain run with its ratios to source_only at `baseline`
         settings (default: the method's), published (saved) before the checkpointed run starts, then that run."""
-        entry = {"settings": settings, "official": OFFICIAL.get(method), "grad_checkpoint": None}
+        entry = {"sec_per_iter": None, "peak_mem_mb": None, "sec_per_iter_ratio": None, "peak_mem_ratio": None,
+                 "settings": settings, "official": OFFICIAL.get(method), "grad_checkpoint": None}
         if self.opts.grad_checkpoint != "on":
             label, base = self.baseline(baseline or settings, baseline_extra)
             run = base if method == "source_only" else \
@@ -518,10 +519,13 @@ class Harness:
                 raise UserError(error_line(log, code))
         return (times["full"] - times["small"]) / (full - SMALL_RUN), times
 
+    def eval_input(self):
+        """evaluate.py's Cityscapes input size (1024x512), scaled."""
+        return scale_size(datasets.default_eval_size("cityscapes"), self.factor)
+
     def eval_size(self):
-        """evaluate.py's Cityscapes input (1024x512), scaled; no flag at factor 1 (its own default)."""
-        size = scale_size(datasets.default_eval_size("cityscapes"), self.factor)
-        return ["--input-size", size] if self.factor != 1 else []
+        """--input-size of evaluate.py; no flag at factor 1 (its own default)."""
+        return ["--input-size", self.eval_input()] if self.factor != 1 else []
 
     def sdca_init(self):
         ckpt = self.checkpoint()
@@ -552,7 +556,7 @@ class Harness:
         seconds, times = self.per_image(f"pseudo_labels {rule}", command, self.data.count["cityscapes train"])
         self.pseudo_dirs[rule] = out("full")
         return stage_record(seconds, times, "Cityscapes train",
-                            {"rule": rule, "input_size": scale_size(datasets.default_eval_size("cityscapes"), self.factor),
+                            {"rule": rule, "input_size": self.eval_input(),
                              "softmax_size": scale_size(NATIVE["cityscapes"], self.factor),
                              "checkpoint": "source_only " + REAL_BACKBONE})
 
@@ -567,7 +571,7 @@ class Harness:
                     "--amp", self.opts.amp] + self.eval_size()
         seconds, times = self.per_image("evaluation", command, self.data.count["cityscapes val"])
         return stage_record(seconds, times, "Cityscapes val",
-                            {"input_size": scale_size(datasets.default_eval_size("cityscapes"), self.factor),
+                            {"input_size": self.eval_input(),
                              "label_size": scale_size(NATIVE["cityscapes"], self.factor),
                              "checkpoint": "source_only " + REAL_BACKBONE})
 
@@ -748,7 +752,8 @@ def loading_specs(data, factor):
 
 def statistics_specs(data):
     return [{"name": f"sampler_stats {dataset}", "kind": "statistics", "dataset": dataset, "split": "train",
-             "labeled": True, "augment": False, "root": os.path.join(data.root, dataset), "list_file": data.lists[dataset],
+             "labeled": True, "augment": False, "root": os.path.join(data.root, dataset),
+             "list_file": data.lists[dataset],
              "size": None, "crop": None, "scale_range": None, "cat_max_ratio": 1.0, "space": space,
              "full": full, "used_by": ["class-balanced (fada, sdca)", "rcs (daformer, dida)"]}
             for dataset, space, full in (("gta5", "cityscapes", "GTA5 train"), ("synthia", "synthia", "SYNTHIA train"))]
@@ -854,7 +859,8 @@ def format_record(record):
 def markdown(results):
     config = results["config"]
     lines = [f"# Real-size harness: `{config['command']}`", "",
-             f"{config['date']}; device {config['device']} ({config.get('gpu') or config['cpu']}), amp {config['amp']}, "
+             f"{config['date']}; device {config['device']} ({config.get('gpu') or config['cpu']}), "
+             f"amp {config['amp']}, "
              f"size factor {config['size_factor']}, {config['iters']} iterations per run (median s/iter after "
              f"{WARMUP_ITERS}), torch {config['torch']}, {config['threads']} threads, {config['workers']} loader "
              f"workers per domain; load average {config['load_average_start']} at start, "
@@ -870,11 +876,16 @@ def markdown(results):
             describe_stage(e.get("settings", {}))
         if "error" in e:
             settings += f" — **error**: {e['error']}"
-        timing = fmt(e.get("sec_per_iter"), ".3f") if "sec_per_iter" in e else \
-            (fmt(e.get("per_item_s"), ".3f") + " s/image" if "per_item_s" in e else fmt(e.get("ms_per_item"), ".1f") + " ms")
+        if "backbone" in e.get("settings", {}):  # a training
+            timing = fmt(e.get("sec_per_iter"), ".3f")
+        elif "per_item_s" in e:
+            timing = fmt(e["per_item_s"], ".3f") + " s/image"
+        else:
+            timing = fmt(e.get("ms_per_item"), ".1f") + " ms"
         gc = e.get("grad_checkpoint")
         gc_text = "–" if not gc else (f"error: {gc['error']}" if "error" in gc else
-                                      f"{fmt(gc.get('sec_per_iter'), '.3f')} s/iter, {fmt(gc.get('peak_mem_mb'), '.0f')} MB")
+                                      f"{fmt(gc.get('sec_per_iter'), '.3f')} s/iter, "
+                                      f"{fmt(gc.get('peak_mem_mb'), '.0f')} MB")
         official = e.get("official")
         lines.append(f"| {name} | {settings} | {timing} | {fmt(e.get('sec_per_iter_ratio'), '.2f')} | "
                      f"{fmt(e.get('peak_mem_mb'), '.0f')} | {fmt(e.get('peak_mem_ratio'), '.2f')} | {gc_text} | "
