@@ -84,6 +84,8 @@ def add_common_arguments(p):
                         "start fresh (a preemptible job can be resubmitted unchanged)")
     p.add_argument("--eval-every", type=common.nonnegative_int, default=1000,
                    help="evaluate on the target val split and save OUT/last.pt every N iterations (0: at the end only)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="save checkpoints on the --eval-every schedule but never evaluate (evaluate.py runs later)")
     p.add_argument("--log-every", type=common.positive_int, default=50, help="print and log losses every N iterations")
     p.add_argument("--workers", type=common.nonnegative_int, default=2, help="data loader worker processes per domain")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)")
@@ -286,7 +288,7 @@ def sync_buffers(model):
 
 ARCHITECTURE_KEYS = ("method", "backbone", "bn", "source", "synthia_classes")
 # flags that may differ between a run and its resumption (where to write, how long, how often to log)
-RUN_KEYS = {"resume", "out", "stop_iter", "eval_every", "log_every", "workers", "device", "data_root",
+RUN_KEYS = {"resume", "out", "stop_iter", "eval_every", "no_eval", "log_every", "workers", "device", "data_root",
             "source_root", "target_root", "stats_cache", "recipe", "overridden", "folder_classes"}
 
 
@@ -536,6 +538,8 @@ def main(argv=None):
     env = common.make_env(device, args.amp, space)
     method = METHODS[args.method].Method(model, args, env)
     streams, val = build_data(args, space, start_iter)
+    if args.no_eval:
+        val = None
     last_path = os.path.join(args.out, "last.pt")
     if ckpt:
         restore(ckpt, resume_path, args, model, method, env.scaler)

@@ -207,6 +207,19 @@ def test_clustering_losses_do_not_reach_G_and_adversarial_loss_does_not_reach_gr
     assert any((p.grad != 0).any() for p in method.model.classifier.parameters())
 
 
+def test_zero_adversarial_weight_skips_the_discriminator_and_changes_no_other_weight():
+    source, target = toy_batches()
+    methods = {w: make_method("--cdga-lambda-adv", w) for w in ("0", "1e-30")}
+    d0 = snapshot(methods["0"].discriminator)
+    logged = {w: m.train_step(source, target, 0) for w, m in methods.items()}
+    assert "adv" not in logged["0"] and "d" not in logged["0"] and {"adv", "d"} <= set(logged["1e-30"])
+    assert logged["0"]["ce"] == logged["1e-30"]["ce"]
+    assert unchanged(methods["0"].discriminator, d0), "Dnet trained at weight 0"
+    for part in ("model", "grouping"):
+        ours, ref = snapshot(getattr(methods["0"], part)), snapshot(getattr(methods["1e-30"], part))
+        assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ours, ref)), part
+
+
 def test_bf16_autocast_close_to_fp32():
     source, target = toy_batches()
     fp32, _ = make_method().generator_step(source, target)

@@ -192,15 +192,20 @@ def test_train_step_matches_official_loop(tmp_path, jitter):
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), "parameters diverged"
 
 
-def test_zero_adversarial_weight_is_not_logged_and_changes_nothing_else(tmp_path):
+def test_zero_adversarial_weight_skips_the_discriminator_and_changes_no_network_weight(tmp_path):
     results = {}
     for weight in ("0", "1e-30"):
         method, _ = make_fada(tmp_path, "--fada-lambda-adv", weight)
+        initial_d = snapshot(method.discriminator)
         source, target = toy_batches()
-        results[weight] = (method.train_step(source, target, 0), snapshot(method.model))
-    assert "adv" not in results["0"][0] and "adv" in results["1e-30"][0]
-    assert all(results["0"][0][k] == results["1e-30"][0][k] for k in ("seg", "d_src", "d_tgt"))
-    assert all(torch.allclose(results["0"][1][k].float(), v.float(), atol=1e-6) for k, v in results["1e-30"][1].items())
+        logged = method.train_step(source, target, 0)
+        results[weight] = (logged, snapshot(method.model), initial_d, snapshot(method.discriminator))
+    off, on = results["0"], results["1e-30"]
+    assert set(off[0]) == {"seg"} and {"seg", "adv", "d_src", "d_tgt"} <= set(on[0])
+    assert off[0]["seg"] == on[0]["seg"]
+    assert all(torch.allclose(off[1][k].float(), v.float(), atol=1e-6) for k, v in on[1].items())
+    assert all(torch.equal(off[2][k], v) for k, v in off[3].items()), "D trained at weight 0"
+    assert not all(torch.equal(on[2][k], v) for k, v in on[3].items()), "D not trained at weight 1e-30"
 
 
 def test_bad_method_flags_are_one_line_errors(tmp_path):

@@ -87,6 +87,9 @@ Deviations:
   fixes the affine but leaves BN in train mode.
 - The target batch passes through G in train mode, so trainable BatchNorm (the toy's tiny backbone)
   also collects target statistics, which the frozen-BN DeepLab-v2 of the recipe does not.
+- At `--cdga-lambda-adv 0` (the toy benchmark's recipe-only control) Dnet is neither evaluated nor
+  trained: it reaches G only through L_adv, so no weight of G or Cnet changes and the full-size
+  group-masked maps and both D passes are saved.
 - Compute: Cnet at stride 8 and a D on K*C channels, no N x N matrices; the second (target)
   forward/backward dominates.
 """
@@ -297,7 +300,8 @@ class CDGA:
     def train_step(self, source, target, it):
         """One iteration: G and Cnet step, then Dnet. Returns detached loss terms and usage metrics."""
         terms, cache = self.generator_step(source, target)
-        terms.update(self.discriminator_step(cache))
+        if cache is not None:
+            terms.update(self.discriminator_step(cache))
         return terms
 
     def up(self, x, size):
@@ -325,7 +329,7 @@ class CDGA:
         self.group_optimizer.zero_grad(set_to_none=True)
         self.discriminator.requires_grad_(False)  # G's backward leaves Dnet's gradients alone
         labels = source["label"]
-        size_s, size_t = labels.shape[-2:], target["image"].shape[-2:]  # the domains may differ in size
+        size_t = target["image"].shape[-2:]  # the domains may differ in size
         with env.autocast():
             features_s, logits_s = self.model(source["image"])
             features_t, logits_t = self.model(target["image"])
@@ -346,16 +350,9 @@ class CDGA:
         bal = torch.stack([bal_s, bal_t]).mean()
 
         # Group-wise adversarial loss on the target: G learns to make every group look like source.
-        assign_s_full = torch.softmax(self.up(group_logits_s.float(), size_s), dim=1).detach()  # (B, K, H, W)
-        assign_t_full = torch.softmax(self.up(group_logits_t.float(), size_t), dim=1).detach()
-        probs_s_full = torch.softmax(self.up(logits_s, size_s).float(), dim=1)                 # (B, C, H, W)
-        probs_t_full = torch.softmax(self.up(logits_t, size_t).float(), dim=1)
-        x_t = group_masked_predictions(assign_t_full, probs_t_full)   # (B, K*C, H, W)
-        weights_s = class_equivalence_weights(labels, self.num_classes, self.balanced)
-        weights_t = class_equivalence_weights(probs_t_full.detach().argmax(1), self.num_classes, self.balanced)
-        with env.autocast():
-            d_t = self.discriminator(x_t)
-        adv = groupwise_adversarial_loss(self.up(d_t.float(), size_t), assign_t_full, weights_t, SOURCE_LABEL)
+        # At --cdga-lambda-adv 0 Dnet cannot reach G, so it is neither evaluated nor trained (cache None).
+        adv, cache = (self._adversarial_loss(group_logits_s, group_logits_t, logits_s, logits_t, labels, size_t)
+                      if self.lambda_adv else (torch.zeros((), device=ce.device), None))
 
         loss = (ce + self.lovasz_weight * lovasz + self.lambda_adv * adv + self.lambda_sc * sc
                 + self.lambda_orth * orth + self.lambda_balance * bal)
@@ -370,9 +367,24 @@ class CDGA:
                     "orth": (self.lambda_orth, orth), "balance": (self.lambda_balance, bal)}
         terms = {"ce": ce, **{name: value for name, (weight, value) in weighted.items() if weight},
                  "group_max_share_s": usage_s.max(), "group_max_share_t": usage_t.max(), "group_entropy": entropy}
+        return {k: v.detach() for k, v in terms.items()}, cache
+
+    def _adversarial_loss(self, group_logits_s, group_logits_t, logits_s, logits_t, labels, size_t):
+        """L_adv of G on the target (Dnet frozen) and Dnet's detached inputs for discriminator_step."""
+        size_s = labels.shape[-2:]
+        assign_s_full = torch.softmax(self.up(group_logits_s.float(), size_s), dim=1).detach()  # (B, K, H, W)
+        assign_t_full = torch.softmax(self.up(group_logits_t.float(), size_t), dim=1).detach()
+        probs_s_full = torch.softmax(self.up(logits_s, size_s).float(), dim=1)                 # (B, C, H, W)
+        probs_t_full = torch.softmax(self.up(logits_t, size_t).float(), dim=1)
+        x_t = group_masked_predictions(assign_t_full, probs_t_full)   # (B, K*C, H, W)
+        weights_s = class_equivalence_weights(labels, self.num_classes, self.balanced)
+        weights_t = class_equivalence_weights(probs_t_full.detach().argmax(1), self.num_classes, self.balanced)
+        with self.env.autocast():
+            d_t = self.discriminator(x_t)
+        adv = groupwise_adversarial_loss(self.up(d_t.float(), size_t), assign_t_full, weights_t, SOURCE_LABEL)
         cache = {"x_s": group_masked_predictions(assign_s_full, probs_s_full.detach()), "x_t": x_t.detach(),
                  "assign_s": assign_s_full, "assign_t": assign_t_full, "weights_s": weights_s, "weights_t": weights_t}
-        return {k: v.detach() for k, v in terms.items()}, cache
+        return adv, cache
 
     def discriminator_step(self, cache):
         """Step Dnet on detached group-masked predictions of both domains (G and Cnet untouched)."""

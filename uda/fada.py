@@ -50,6 +50,9 @@ Deviations (from the official code):
   with those defaults.
 - D's gradients from step 2 are not computed at all (its parameters are frozen during that backward)
   instead of computed and then zeroed: same result, less work.
+- At `--fada-lambda-adv 0` (the toy benchmark's recipe-only control) the discriminator is neither
+  evaluated nor trained: it reaches the network only through that term, so this changes no weight of
+  the network and saves its forward and backward passes (the official code would still train it).
 - The source colour jitter runs on the batch in torch after the loader's resize (official: torchvision
   ColorJitter on the PIL image before the resize, rounding to uint8 after each operation); same
   operations and factor distributions. Its random numbers come from the method's generator (seeded by
@@ -238,7 +241,8 @@ class FADA:
 
     def train_step(self, source, target, it):
         features_s, features_t, encoding_s, encoding_t, logged = self.generator_step(source, target)
-        logged.update(self.discriminator_step(features_s, features_t, encoding_s, encoding_t))
+        if self.lambda_adv:  # at --fada-lambda-adv 0 the discriminator cannot reach the network: not trained
+            logged.update(self.discriminator_step(features_s, features_t, encoding_s, encoding_t))
         return logged
 
     def state_dict(self):

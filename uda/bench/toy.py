@@ -30,7 +30,8 @@ Protocol (the README's "Toy benchmark" section says why), per seed s:
 Toy flags, where a row departs from its method's RECIPE (train.py prints each run's recipe and what
 the command line overrode at the top of its train.log):
 - every run: --iters N --stop-iter N --batch-size B: the toy's budget and batch, not the papers' (a
-  RECIPE's stop_iter, a share of a 40,000-iteration schedule, would exceed N);
+  RECIPE's stop_iter, a share of a 40,000-iteration schedule, would exceed N); --no-eval: evaluate.py
+  evaluates every row afterwards, so train.py's own end-of-run evaluation would only repeat it;
 - SGD rows (source_only, oracle, fada, cdga, sdca, plca): --lr (default 0.01): the papers adapt at the
   LR of their source-only stage (2.5e-4 for DeepLab-v2); the tiny backbone's source-only LR is --lr;
 - daformer, dida: --warmup-iters = 1500/40000 of N (DAFormer's warm-up share; 1500 iterations would
@@ -178,7 +179,7 @@ def train_command(method, out, seed, iters, args, pretrained=None, extra=()):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--method", method, "--backbone", args.backbone,
            "--iters", str(iters), "--stop-iter", str(iters), "--batch-size", str(args.batch_size),
            "--seed", str(seed), "--out", out, "--workers", "0", "--device", "cpu", "--eval-every", "0",
-           "--log-every", str(max(1, iters // args.windows))]
+           "--no-eval", "--log-every", str(max(1, iters // args.windows))]
     if pretrained:
         cmd += ["--pretrained", pretrained]
     cmd += list(extra)
