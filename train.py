@@ -23,21 +23,9 @@ import sys
 import time
 import torch
 
-from uda import cdga, common, daformer, datasets, dida, evaluation, fada, models, plca, samplers, sdca, selftrain, \
-    source_only, toy
+from uda import common, datasets, evaluation, models, samplers, toy
 from uda.common import UserError
-
-# The methods, by name: plain imports, no registry.
-METHODS = {
-    "source_only": source_only,
-    "fada": fada,
-    "selftrain": selftrain,
-    "daformer": daformer,
-    "dida": dida,
-    "cdga": cdga,
-    "sdca": sdca,
-    "plca": plca,
-}
+from uda.methods import METHODS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,7 +537,9 @@ def main(argv=None):
         print(f"{args.method}: {args.source} -> {args.target}, {args.backbone}, iterations {start_iter}.."
               f"{args.stop_iter} of a {args.iters}-iteration schedule, {common.world_size()} process(es) on "
               f"{device}, amp {args.amp}" + (f", resumed from {resume_path}" if ckpt else ""), flush=True)
-        if val is None:
+        if args.no_eval:
+            print("--no-eval: no evaluation during training (checkpoints as usual)", flush=True)
+        elif val is None:
             print(f"{args.target} has no labelled val split: no evaluation during training", flush=True)
 
     stop = StopRequest()

@@ -24,7 +24,7 @@ def run_benchmark(*args, timeout=600):
 def test_tiny_run_writes_results_json_and_table(tmp_path):
     out = tmp_path / "bench"
     proc = run_benchmark("--out", out, "--methods", "plca", "--seeds", "1", "--iters", "4",
-                         "--warmup-iters", "4", "--batch-size", "2", "--windows", "2")
+                         "--warmup-iters", "4", "--batch-size", "2", "--windows", "2", "--controls", "on")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     no_tta = "plca, no test-time aggregation"
@@ -52,7 +52,7 @@ def test_tiny_run_writes_results_json_and_table(tmp_path):
         assert f"--pretrained {warm}" in first and "--iters 4" in first and "--seed 0" in first, first
     table = (out / "results.md").read_text()
     assert "| plca |" in table and "| oracle |" in table and "share of gap closed" in table
-    # the recipe-only control (--controls on by default): PLCA's command with its terms off, from the same
+    # the recipe-only control (--controls on): PLCA's command with its terms off, from the same
     # warm-up, evaluated without test-time aggregation; not a row of its own
     control_dir = out / "runs" / "s0" / "plca-control"
     control = results["methods"]["plca"]["control"]
@@ -71,7 +71,7 @@ def test_tiny_run_writes_results_json_and_table(tmp_path):
 
 def test_pipeline_commands():
     args = toy.parse_args(["--out", "/tmp/unused", "--methods", "fada,sdca,daformer", "--seeds", "2",
-                                 "--iters", "100", "--warmup-iters", "200"])
+                           "--iters", "100", "--warmup-iters", "200", "--controls", "on"])
     assert args.rows == ["source_only", "oracle", "fada", "sdca", "daformer", "fada+selftrain"]
     assert "plca, no test-time aggregation" in toy.parse_args(["--out", "/x", "--methods", "plca"]).rows
     tasks = {t.key: t for t in toy.build_tasks(args, args.methods)}
@@ -110,7 +110,8 @@ def test_controls_are_planned_with_their_flags():
     flags of CONTROLS, which train.py parses to weights 0; SDCA's control skips the init pass, PLCA's
     is evaluated without aggregation. --controls off plans none."""
     assert set(toy.CONTROLS) == set(toy.method_names())
-    args = toy.parse_args(["--out", "/tmp/unused", "--seeds", "2", "--iters", "100", "--warmup-iters", "200"])
+    args = toy.parse_args(["--out", "/tmp/unused", "--seeds", "2", "--iters", "100", "--warmup-iters", "200",
+                           "--controls", "on"])
     tasks = {t.key: t for t in toy.build_tasks(args, args.methods)}
     for seed in (0, 1):
         for method in args.methods:
@@ -133,8 +134,8 @@ def test_controls_are_planned_with_their_flags():
         parsed = vars(train.parse_args(["--method", method, "--out", "/tmp/unused", *flags]))
         for name, value in zip(flags[::2], flags[1::2]):
             assert parsed[name[2:].replace("-", "_")] == (value if value == "clean" else float(value)), name
-    off = toy.parse_args(["--out", "/tmp/unused", "--controls", "off"])
-    assert not [t for t in toy.build_tasks(off, off.methods) if t.key.endswith("-control")]
+    off = toy.parse_args(["--out", "/tmp/unused"])  # the default
+    assert off.controls == "off" and not [t for t in toy.build_tasks(off, off.methods) if t.key.endswith("-control")]
 
 
 def test_backbone_reaches_every_run_and_mit_turns_plca_aggregation_off():
@@ -242,3 +243,12 @@ def test_unknown_method_is_a_one_line_error(tmp_path):
     proc = run_benchmark("--out", tmp_path, "--methods", "fada,nosuch", timeout=120)
     assert proc.returncode == 2 and "--methods" in proc.stderr and "nosuch" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_launch_order_starts_every_warmup_then_the_costliest_rows_of_all_seeds():
+    args = toy.parse_args(["--out", "/tmp/unused", "--methods", "fada,plca", "--seeds", "3"])
+    tasks = toy.build_tasks(args, args.methods)
+    order = [t.key for t in toy.launch_order(tasks)]
+    assert order[:3] == ["s0/warmup", "s1/warmup", "s2/warmup"] and sorted(order) == sorted(t.key for t in tasks)
+    assert order[3:6] == ["s0/fada", "s1/fada", "s2/fada"]  # build_tasks' first row of a seed
+    assert order[-3:] == ["s0/source_only", "s1/source_only", "s2/source_only"]  # its last

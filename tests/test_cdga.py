@@ -322,3 +322,10 @@ def test_smoke_and_resume_exact(run, tmp_path):
 def test_bad_group_count_is_one_line_error(run, tmp_path):
     result = run("train.py", "--method", "cdga", "--out", tmp_path / "x", *TOY_FAST, "--cdga-groups", "1")
     assert result.returncode == 2 and "--cdga-groups" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_discriminator_input_below_its_minimum_size_is_a_user_error():
+    disc = cdga.GroupDiscriminator(2, 3, width=4)
+    assert disc(torch.zeros(1, 6, cdga.D_MIN_SIZE, 40)).shape == (1, 2, 1, 1)
+    with pytest.raises(common.UserError, match="--crop"):
+        disc(torch.zeros(1, 6, cdga.D_MIN_SIZE - 1, 40))

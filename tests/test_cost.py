@@ -28,7 +28,7 @@ def table_rows(stdout):
 
 
 def test_method_registry_and_defaults_are_train_py_s():
-    assert bench.METHODS == train.METHODS
+    assert bench.METHODS is train.METHODS
     parsed = vars(train.parse_args(["--method", "source_only", "--out", "unused"]))
     assert {key: parsed[key] for key in bench.TRAIN_DEFAULTS} == dict(bench.TRAIN_DEFAULTS, stop_iter=parsed["iters"])
 

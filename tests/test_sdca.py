@@ -429,3 +429,12 @@ def test_init_refuses_an_existing_out_file(tmp_path):
 def test_init_rejects_counts_out_of_range(tmp_path, flag, value):
     with pytest.raises(UserError, match=flag):
         sdca.parse_init_args(["init", "--ckpt", "c.pt", "--out", str(tmp_path / "s.pt"), flag, value])
+
+
+def test_init_reads_only_the_source_list(tmp_path):
+    # the toy is generated: a list reaching its dataset is refused, naming the list (the flag is wired)
+    src, listed = standin_checkpoint(tmp_path / "src.pt"), tmp_path / "subset.txt"
+    listed.write_text("a.png\n")
+    with pytest.raises(UserError, match="subset.txt"):
+        sdca.init_main(["init", "--ckpt", str(src), "--out", str(tmp_path / "s.pt"), "--source-list", str(listed),
+                        "--workers", "0", "--device", "cpu"])

@@ -108,6 +108,8 @@ SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # domain labels of AdaptSegNet (train_gta
 LEAKY_SLOPE = 0.2                      # AdaptSegNet FCDiscriminator's LeakyReLU
 D_KERNEL, D_STRIDE, D_PADDING = 4, 2, 1  # AdaptSegNet FCDiscriminator's convolutions
 D_WIDTH_MULTS = (1, 2, 4, 8)             # its widths: ndf, 2 ndf, 4 ndf, 8 ndf
+# smallest input side: four halvings (floor(n / 2) each) must leave >= 2 pixels for the padded 4x4 last conv
+D_MIN_SIZE = 2 * 2 ** len(D_WIDTH_MULTS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,6 +246,10 @@ class GroupDiscriminator(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
+        if min(x.shape[-2:]) < D_MIN_SIZE:  # the last 4x4 conv would find a map smaller than its kernel
+            raise UserError(f"cdga: the discriminator reads the crop at full size and needs at least "
+                            f"{D_MIN_SIZE}x{D_MIN_SIZE} pixels, got {x.shape[-1]}x{x.shape[-2]}: use a larger "
+                            f"--crop / --source-size / --target-size")
         return self.layers(x)
 
 

@@ -372,6 +372,9 @@ def parse_init_args(argv=None):
     q.add_argument("--data-root", default=None, help="folder holding one sub-folder per dataset")
     q.add_argument("--source-root", default=None, metavar="DIR", help="the source dataset's folder (default: "
                    "DATA_ROOT/<source>)")
+    q.add_argument("--source-list", default=None, metavar="FILE",
+                   help="the listed source items only (one relative path per line, as data_lists/ and "
+                        "train.py --source-list; default: the dataset's shipped train list)")
     q.add_argument("--out", required=True, help="file to write the statistics to (for --sdca-init-stats)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--input-size", default=None,
@@ -406,7 +409,7 @@ def init_main(argv=None):
     model.eval()
     source = args.source or saved.source
     size = datasets.default_train_size(source) if args.input_size is None else explicit
-    dataset = datasets.build_dataset(source, "train", space, labeled=True,
+    dataset = datasets.build_dataset(source, "train", space, labeled=True, list_file=args.source_list,
                                      root=datasets.dataset_root(source, args.data_root, args.source_root))
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     loader = torch.utils.data.DataLoader(common.shard(dataset, args.max_images), batch_size=args.batch_size,

@@ -4,22 +4,10 @@
     python -m uda.bench.cost --what fada          # time and memory of one thing (uda/bench/cost.py)
 
 Both run train.py / evaluate.py as subprocesses or build methods through the contract of
-uda/source_only.py; neither imports train.py, so the two literals below restate what they need from it
-(tests/test_cost.py checks them against train.py).
+uda/source_only.py; neither imports train.py, so TRAIN_DEFAULTS below restates the defaults they need
+from it (tests/test_cost.py checks them against train.py). METHODS is train.py's own (uda/methods.py).
 """
-from uda import cdga, daformer, dida, fada, plca, sdca, selftrain, source_only
-
-# train.METHODS, in its order
-METHODS = {
-    "source_only": source_only,
-    "fada": fada,
-    "selftrain": selftrain,
-    "daformer": daformer,
-    "dida": dida,
-    "cdga": cdga,
-    "sdca": sdca,
-    "plca": plca,
-}
+from uda.methods import METHODS  # noqa: F401 (re-exported for the tools)
 
 # The values `train.parse_args` gives the common flags a method reads, for a toy run without a RECIPE
 # (stop_iter None = --iters, as train.py resolves it).

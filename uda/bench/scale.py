@@ -248,9 +248,6 @@ def make_data(work, factor):
     for key, names in lists.items():
         list_files[key] = os.path.join(work, "lists", key.replace(" ", "_") + ".txt")
         write_list(list_files[key], names)
-    # `python -m uda.sdca init` has no --source-list: it reads data_lists/gta5/train.txt, so its run
-    # points datasets.LISTS_DIR here, as tests/test_datasets.py does
-    write_list(os.path.join(work, "data_lists", "gta5", "train.txt"), lists["gta5"])
     # evaluate.py's short run reads SMALL_RUN val images; train.py's end-of-run evaluation one (it runs
     # at 1024x512 whatever the size factor, and is no part of the measurement)
     small = linked_cityscapes(os.path.join(work, "data-small", "cityscapes"), root, lists["cityscapes val"][:SMALL_RUN])
@@ -259,7 +256,7 @@ def make_data(work, factor):
     summary = {key: {"files": len(names), "size": size_text(scaled[key.split()[0]]),
                      "mean_image_mb": round(mean_file_mb(root, key, names), 2)} for key, names in lists.items()}
     return argparse.Namespace(root=root, small_root=os.path.dirname(small), train_target_root=target,
-                              lists=list_files, lists_dir=os.path.join(work, "data_lists"),
+                              lists=list_files,
                               count={k: len(v) for k, v in lists.items()}, summary=summary)
 
 
@@ -530,13 +527,11 @@ class Harness:
     def sdca_init(self):
         ckpt = self.checkpoint()
         size = scale_size(datasets.default_train_size("gta5"), self.factor)
-        code = ("import sys; from uda import common, datasets, sdca; datasets.LISTS_DIR = sys.argv[1]; "
-                "common.run_cli(lambda: sdca.init_main(sys.argv[2:]))")
 
         def command(n, tag):
-            cmd = [sys.executable, "-c", code, self.data.lists_dir, "init", "--ckpt", ckpt, "--data-root",
-                   self.data.root, "--out", os.path.join(self.work, f"sdca-init-{tag}.pt"), "--overwrite",
-                   "--input-size", size, "--workers", str(self.workers), "--device", self.opts.device,
+            cmd = [sys.executable, "-m", "uda.sdca", "init", "--ckpt", ckpt, "--data-root", self.data.root,
+                   "--source-list", self.data.lists["gta5"], "--out", os.path.join(self.work, f"sdca-init-{tag}.pt"),
+                   "--overwrite", "--input-size", size, "--workers", str(self.workers), "--device", self.opts.device,
                    "--amp", self.opts.amp]
             return cmd + (["--max-images", str(n)] if n else [])
         seconds, times = self.per_image("sdca_init", command, self.data.count["gta5"])
