@@ -1,8 +1,10 @@
 """The toy benchmark: every method against source-only and the oracle, with its cost, in one command.
 
-    OMP_NUM_THREADS=1 python -m uda.bench.toy --out runs/bench            # all methods, 3 seeds
+    OMP_NUM_THREADS=1 python -m uda.bench.toy --out runs/bench                # all methods, 3 seeds
+    OMP_NUM_THREADS=1 python -m uda.bench.toy --out runs/bench --controls on  # + recipe-only controls
     python -m uda.bench.toy --out runs/quick --methods fada,cdga --seeds 1 --iters 50 --warmup-iters 100
-    python -m uda.bench.toy --out runs/bench-b0 --seeds 1 --backbone mit-b0 --iters N --warmup-iters M
+    python -m uda.bench.toy --out runs/bench-b0 --seeds 1 --backbone mit-b0 --warmup-iters 300 --iters 100 \
+        --sdca-init-images 500 --controls on
 
 Protocol (the README's "Toy benchmark" section says why), per seed s:
 1. warm-up: `train.py --method source_only --source toy-synth --lr 0.01 --iters W` from random init;
