@@ -232,7 +232,8 @@ def to_device(batch, device):
 
 
 def build_data(args, space, start_iter):
-    """The training streams and the labelled target val split (None when the target has no labels)."""
+    """The training streams and the labelled target val split (None with --no-eval or when the target
+    has no labels)."""
     crop = common.parse_size(args.crop, "--crop") if args.crop else datasets.default_crop(args.source)
     source_root = datasets.dataset_root(args.source, args.data_root, args.source_root)
     target_root = datasets.dataset_root(args.target, args.data_root, args.target_root)
@@ -244,7 +245,7 @@ def build_data(args, space, start_iter):
         target = datasets.build_dataset(args.target, "train", space, root=target_root, labeled=False, crop=crop,
                                         augment=True, seed=args.seed + 1, **datasets.train_options(args, "target"))
         streams["target"] = make_stream(target, args.batch_size, args.workers, args.seed + 1, start_iter)
-    if not datasets.has_labels(args.target, "val", target_root):
+    if args.no_eval or not datasets.has_labels(args.target, "val", target_root):
         return streams, None
     val = datasets.build_dataset(args.target, "val", space, root=target_root, labeled=True)
     # build_dataset has checked that every val file exists: a missing one fails now, not after training
@@ -526,8 +527,6 @@ def main(argv=None):
     env = common.make_env(device, args.amp, space)
     method = METHODS[args.method].Method(model, args, env)
     streams, val = build_data(args, space, start_iter)
-    if args.no_eval:
-        val = None
     last_path = os.path.join(args.out, "last.pt")
     if ckpt:
         restore(ckpt, resume_path, args, model, method, env.scaler)

@@ -338,7 +338,9 @@ class CDGA:
         size_t = target["image"].shape[-2:]  # the domains may differ in size
         with env.autocast():
             features_s, logits_s = self.model(source["image"])
-            features_t, logits_t = self.model(target["image"])
+            # the target reaches G's loss only through L_adv (Cnet reads it detached): no graph at weight 0
+            with torch.set_grad_enabled(bool(self.lambda_adv)):
+                features_t, logits_t = self.model(target["image"])
         ce, lovasz = supervised_loss(logits_s, labels, self.lovasz_weight, self.align_corners)
 
         # Grouping and its losses: only Cnet receives these gradients (inputs detached).

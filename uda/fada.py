@@ -203,15 +203,17 @@ class FADA:
         logits_s = common.upsample(logits_s.float(), size_s, self.align_corners)  # (B, K, H, W) fp32
         seg = segmentation_loss(logits_s, labels_s, self.temperature)
         scaler.scale(seg).backward()
-        encoding_s = domain_encoding(logits_s, self.temperature, self.cap)
         logged = {"seg": seg.detach()}
+        encoding_s = encoding_t = None  # D's soft labels: not needed at --fada-lambda-adv 0 (D is skipped)
 
-        # 2. adversarial loss: target features should look like "source, same class" to D
-        with self.env.autocast():
+        # 2. adversarial loss: target features should look like "source, same class" to D. At weight 0
+        # the target pass only refreshes trainable BN statistics, so it builds no graph
+        with self.env.autocast(), torch.set_grad_enabled(bool(self.lambda_adv)):
             features_t, logits_t = self.model(target["image"])
-        encoding_t = domain_encoding(common.upsample(logits_t.float(), size_t, self.align_corners),
-                                     self.temperature, self.cap)
         if self.lambda_adv:
+            encoding_s = domain_encoding(logits_s, self.temperature, self.cap)
+            encoding_t = domain_encoding(common.upsample(logits_t.float(), size_t, self.align_corners),
+                                         self.temperature, self.cap)
             self.discriminator.requires_grad_(False)  # no D gradients from the network's loss
             with self.env.autocast():
                 d_t = self.discriminator(features_t, size_t)                      # (B, 2K, H, W) fp32
