@@ -21,31 +21,65 @@ averaged). PLCA's test-time aggregation (--tta-aggregate) combines with --scales
 aggregated on its own), not with --slide. The header line and --json record the protocol.
 
 Folder inference (--images DIR --save-pred OUT): every .png/.jpg/.jpeg under DIR (sub-folders too,
-sorted) is resized like the checkpoint's target (--input-size overrides) and predicted at its own size;
-per image OUT/<path without suffix>.png (class indices, uint8), <...>_color.png (the label space's
-palette) and <...>_overlay.png (the colours blended 50/50 over the image) are written.
+symlinked ones followed once each, sorted; hidden files such as macOS ._photo.jpg skipped and counted)
+is turned upright by its EXIF orientation, resized like the checkpoint's target (--input-size
+overrides) and predicted at its own (upright) size; per image OUT/<path without suffix>.png (class
+indices, uint8), <...>_color.png (the label space's palette) and <...>_overlay.png (the colours blended
+50/50 over the image) are written. --batch-size N batches images of one size together. The logits are
+upsampled, averaged and argmaxed a block of rows at a time (predict_labels), so a 48-megapixel photo
+never holds its full-size probabilities (3.6 GB for 19 classes); the labels are those of predict_probs.
+--ckpt may name a run folder (its last.pt is used).
 
 Outputs are never clobbered: --json, --save-pred and --save-pseudo refuse an existing file or a
 non-empty folder unless --overwrite is given (files of the same name are then replaced, others kept),
 and never write inside the dataset folder being read (nor inside --images), even with --overwrite.
 A checkpoint is refused on a target whose labels are another label space than its model's (toy vs
 benchmark, a folder dataset with other classes).
+Every PNG is written to a hidden temporary file and renamed into place: Ctrl-C (one line, exit status
+130) or a full disk never leaves a truncated prediction under a name a user reads.
 """
 import argparse
 import functools
 import json
 import os
+import signal
+import sys
+
+
+def exit_on_interrupt(signum, frame):
+    """Ctrl-C: one line and exit status 130 (128 + SIGINT, as a shell reports it), no traceback. The
+    exit unwinds normally, so a PNG being written is removed by save_png."""
+    if os.getpid() != MAIN_PID:  # a DataLoader worker forked with this handler: quiet, as by default
+        signal.default_int_handler(signum, frame)
+    if os.environ.get("RANK", "0") == "0":
+        print("evaluate.py: interrupted (Ctrl-C); the predictions written so far are complete files",
+              file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+
+
+MAIN_PID = os.getpid()
+if __name__ == "__main__":  # before the slow imports below (torch takes seconds): Ctrl-C there is one line too
+    signal.signal(signal.SIGINT, exit_on_interrupt)
 
 import numpy as np
 import torch
 from PIL import Image
 
 from uda import common, datasets, pseudo_labels, toy
+from uda import evaluation
 from uda.common import UserError
 from uda.evaluation import evaluate, format_table, model_from_checkpoint, predict_probs, progress, summarize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # --images: matched case-insensitively
 OVERLAY_ALPHA = 0.5                         # weight of the class colours in <name>_overlay.png
+# --images: how many values (classes x rows x width) of the full-size probabilities exist at once
+# (16 MB in fp32; the whole map of an 8000x6000 photo would be 3.6 GB for 19 classes)
+BLOCK_VALUES = 2 ** 22
+# rows per block are a multiple of this: every block then starts and ends on the same 16-value
+# boundaries of the flattened map as the whole-image softmax's vector lanes (AVX-512: 16 floats), so
+# block by block gives the same bits as one softmax over the whole map
+BLOCK_ROW_MULTIPLE = 16
+OOM_HINT = "try a smaller --input-size, --slide WxH, --batch-size 1 or --amp bf16"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,7 +110,7 @@ def input_size_arg(text):
 
 def build_parser():
     p = common.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (OUT/last.pt)")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (OUT/last.pt), or the run folder OUT")
     p.add_argument("--target", default=None, choices=datasets.DATASET_NAMES, metavar="NAME",
                    help="dataset to evaluate on, one of: %(choices)s (default: the checkpoint's target)")
     p.add_argument("--data-root", default=None, help="folder holding one sub-folder per dataset")
@@ -88,7 +122,8 @@ def build_parser():
     p.add_argument("--input-size", type=input_size_arg, default=None, metavar="WxH|native",
                    help="size the images are resized to before the forward (default: the dataset's convention, "
                         "e.g. 1024x512 for Cityscapes, the toy's own 256x128; --images: the checkpoint's target's)")
-    p.add_argument("--batch-size", type=common.positive_int, default=1, help="images per forward pass")
+    p.add_argument("--batch-size", type=common.positive_int, default=1,
+                   help="images per forward pass (--images: images of one size are batched together)")
     p.add_argument("--workers", type=common.nonnegative_int, default=2, help="data loader worker processes")
     p.add_argument("--amp", choices=list(common.AMP_DTYPES), default="off", help="autocast dtype for the forward")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -117,9 +152,21 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    args.ckpt = checkpoint_file(args.ckpt)
     check_combinations(args)
     pseudo_labels.check_flags(args.pseudo_rule, args.pseudo_cap, args.pseudo_bins, args.pseudo_limit)
     return args
+
+
+def checkpoint_file(path):
+    """--ckpt: a checkpoint file, or a run folder standing for its last.pt."""
+    if not os.path.isdir(path):
+        return path
+    last = os.path.join(path, "last.pt")
+    if not os.path.isfile(last):
+        raise UserError(f"--ckpt {path}: a folder without last.pt (expected a checkpoint file, or a run folder "
+                        f"of train.py holding last.pt)")
+    return last
 
 
 def check_combinations(args):
@@ -135,8 +182,6 @@ def check_combinations(args):
                 raise UserError(f"{flag}: not with --images (a folder without labels is predicted, not scored)")
         if not args.save_pred:
             raise UserError(f"--images {args.images}: pass --save-pred OUT, the folder the predictions go to")
-        if args.batch_size != 1:
-            raise UserError(f"--batch-size {args.batch_size}: --images predicts one image at a time (sizes differ)")
     if args.save_pseudo:
         if args.json or args.save_pred:
             raise UserError(f"--save-pseudo: labels the train split instead of evaluating; drop "
@@ -256,16 +301,6 @@ def aggregate_of(args, saved):
     return aggregate
 
 
-def predictor(args, input_size, aggregate, align_corners, device):
-    """images (B, 3, H, W) -> probabilities (B, C, H, W) at label_size, with this run's protocol."""
-    autocast = functools.partial(common.autocast, device, args.amp)  # a fresh context per forward
-
-    def predict(model, images, label_size):
-        return predict_probs(model, images, label_size, input_size, autocast, aggregate, align_corners,
-                             args.scales, args.flip, args.slide, args.slide_stride)
-    return predict
-
-
 def write_json(path, record):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -288,18 +323,54 @@ def palette_table(space):
     return table
 
 
+def temporary_name(path):
+    """A hidden name beside `path` for writing it: short (the final name may be near the file system's
+    limit) and one per process (ranks write side by side)."""
+    return os.path.join(os.path.dirname(path), f".evaluate-{os.getpid()}.tmp")
+
+
+def save_png(path, array):
+    """Write the uint8 array (H, W) or (H, W, 3) as a PNG at `path`, atomically: into a temporary file
+    that is renamed over `path` once complete, and removed on any failure or interrupt. A file that
+    cannot be written (read-only folder, full disk, name too long) is one line naming it."""
+    tmp = temporary_name(path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise UserError(f"--save-pred: cannot write {path} ({err.strerror or err})") from None
+        raise
+
+
+def check_writable(folder):
+    """Create --save-pred and write (and remove) one file in it before any prediction: a read-only or
+    full folder is refused at once, not after the first forward pass."""
+    tmp = temporary_name(os.path.join(folder, "probe"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(b"\0")
+        os.remove(tmp)
+    except OSError as err:
+        raise UserError(f"--save-pred {folder}: cannot write into it ({err.strerror or err})") from None
+
+
 def prediction_saver(out_dir, dataset, space):
     """Callback writing <name>_trainid.png (Cityscapes trainIds) and <name>_color.png per image."""
-    os.makedirs(out_dir, exist_ok=True)
+    check_writable(out_dir)
     to_trainid = np.array(list(space.trainids) + [255] * (256 - space.num_classes), dtype=np.uint8)
     palette = palette_table(space)
 
     def save(pred, batch):
         for pred_one, index in zip(pred.cpu().numpy(), batch["index"].tolist()):
             stem = os.path.join(out_dir, dataset.item_name(index))
-            os.makedirs(os.path.dirname(stem), exist_ok=True)
-            Image.fromarray(to_trainid[pred_one]).save(stem + "_trainid.png")
-            Image.fromarray(palette[pred_one]).save(stem + "_color.png")
+            save_png(stem + "_trainid.png", to_trainid[pred_one])
+            save_png(stem + "_color.png", palette[pred_one])
 
     return save
 
@@ -308,16 +379,29 @@ def prediction_saver(out_dir, dataset, space):
 # Folder inference
 # --------------------------------------------------------------------------------------------------
 def find_images(folder):
-    """Paths relative to `folder` of every .png/.jpg/.jpeg under it (any depth, any case), sorted."""
+    """(paths relative to `folder` of every .png/.jpg/.jpeg under it, any depth and case, sorted; the
+    number of hidden files and folders skipped).
+
+    Symbolic links to folders are followed, each real folder once (a link to a parent would loop for
+    ever). Names starting with '.' are skipped as training's scan skips them (datasets.scan_images):
+    macOS '._photo.jpg' resource forks carry an image suffix but no image.
+    """
     if not os.path.isdir(folder):
         raise UserError(f"--images {folder}: no such folder")
-    found = []
-    for dirpath, _, files in os.walk(folder):
+    found, hidden, visited = [], 0, set()
+    for dirpath, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # reached again through a link: listed already
+            dirs[:] = []
+            continue
+        visited.add(real)
+        hidden += sum(name.startswith(".") for name in dirs + files)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [os.path.relpath(os.path.join(dirpath, f), folder) for f in files
-                  if f.lower().endswith(IMAGE_SUFFIXES)]
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
     if not found:
         raise UserError(f"--images {folder}: no .png, .jpg or .jpeg file in it or its sub-folders")
-    return sorted(found)
+    return sorted(found), hidden
 
 
 def output_stems(folder, names):
@@ -335,8 +419,32 @@ def output_stems(folder, names):
     return stems
 
 
+def name_limit(folder):
+    """The longest file name (bytes) the file system of `folder` (or of its nearest existing parent) takes."""
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255  # Linux, macOS and Windows file systems alike
+
+
+def check_name_lengths(folder, names, stems, out_dir):
+    """Refuse, before any prediction, an image whose output name (<stem>_overlay.png, the longest) would
+    be longer than --save-pred's file system allows."""
+    limit = name_limit(out_dir)
+    for name, stem in zip(names, stems):
+        longest = max(os.path.dirname(stem).split(os.sep) + [os.path.basename(stem) + "_overlay.png"],
+                      key=lambda part: len(os.fsencode(part)))
+        if len(os.fsencode(longest)) > limit:
+            raise UserError(f"--images {folder}: {name}: its prediction {longest} would have a name of "
+                            f"{len(os.fsencode(longest))} bytes, longer than the {limit} the file system of "
+                            f"--save-pred {out_dir} allows; shorten the image's name")
+
+
 class ImageFolder(torch.utils.data.Dataset):
-    """The images of --images, at their own size: {'image': (3, H, W) in [0, 1], 'index'}."""
+    """The images of --images, upright, at their own size: {'image': (3, H, W) uint8, 'index'} (uint8: a
+    quarter of the float image, across the worker processes)."""
 
     def __init__(self, folder, names):
         self.folder, self.names = folder, names
@@ -346,46 +454,188 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image = datasets.read_image(os.path.join(self.folder, self.names[index]))  # (H, W, 3); broken: one line
-        return {"image": datasets.to_tensors(image, None)[0], "index": index}
+        image = image if image.flags.writeable else image.copy()  # Pillow's buffer is read-only
+        return {"image": torch.from_numpy(image).permute(2, 0, 1), "index": index}
+
+
+def as_list(items):
+    """DataLoader collate_fn: the items as they are (batch_sampler groups them by size already)."""
+    return items
+
+
+def size_batches(folder, names, indices, batch_size):
+    """`indices` in batches of at most batch_size images of one size (upright, read from the file headers,
+    no pixel decoded): images of different sizes cannot share a forward pass."""
+    if batch_size == 1:
+        return [[i] for i in indices]
+    groups = {}
+    for i in indices:
+        groups.setdefault(datasets.probe_image(os.path.join(folder, names[i]))[1], []).append(i)
+    return [group[k:k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
+
+
+def same_size_groups(items):
+    """The loaded items split by image size, in order (a file's header can disagree with its pixels: a PNG
+    whose orientation comes after them)."""
+    groups = {}
+    for item in items:
+        groups.setdefault(tuple(item["image"].shape), []).append(item)
+    return list(groups.values())
+
+
+# Blocked upsampling: rows r0..r1 of F.interpolate(logits, (H, W), bilinear) without the other rows
+def linear_taps(size_in, size_out, align_corners):
+    """Per output row y of a bilinear resize from size_in to size_out rows: the two input rows
+    (i0, i1) (S,) int64 and their weights (w0, w1) (S,) float32, exactly as PyTorch's CPU kernel makes
+    them (aten/src/ATen/native/UpSample.h, area_pixel_compute_scale / area_pixel_compute_source_index):
+        align_corners:  s = (size_in - 1) / (size_out - 1),  x = s y
+        otherwise:      s = size_in / size_out,              x = max(s (y + 0.5) - 0.5, 0)
+        i0 = floor(x), i1 = min(i0 + 1, size_in - 1), w1 = x - i0, w0 = 1 - w1.
+    s is a float32 division; x is computed with one rounding, as the kernel's fused multiply-add.
+    """
+    rows = torch.arange(size_out, dtype=torch.float64)
+    if align_corners:
+        scale = torch.tensor(float(size_in - 1)) / (size_out - 1) if size_out > 1 else torch.tensor(0.0)
+        source = scale * rows.float()
+    else:
+        scale = torch.tensor(float(size_in)) / torch.tensor(float(size_out))  # float32, as the kernel
+        source = (scale.double() * (rows + 0.5) - 0.5).float().clamp(min=0.0)
+    i0 = source.long()
+    w1 = (source - i0).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < size_in - 1, i0 + 1, i0)
+    return i0, i1, 1.0 - w1, w1
+
+
+def upsample_rows(x, rows, taps, width, align_corners):
+    """Rows [r0, r1) of common.upsample(x, (H, width), align_corners) for x (B, C, h, w) fp32, computing
+    only those rows. taps: linear_taps(h, H, align_corners). Returns (B, C, r1 - r0, width) fp32.
+
+    PyTorch's kernel interpolates each needed input row along the width, then blends the two input rows
+    of every output row; so do we: the width pass on the few input rows these output rows read (a
+    resize of (h', w) to (h', width), whose height pass is the identity), then the blend t0 w0 + t1 w1
+    per output row, with one rounding of the sum (the kernel's fused multiply-add). The values agree
+    with the one-shot upsampling to the last bit on the CPUs tried, and their argmax always.
+    """
+    r0, r1 = rows
+    i0, i1, w0, w1 = (t[r0:r1] for t in taps)
+    low, high = int(i0.min()), int(i1.max()) + 1
+    across = common.upsample(x[:, :, low:high], (high - low, width), align_corners)   # (B, C, h', width)
+    t0, t1 = across[:, :, i0 - low], across[:, :, i1 - low]                           # (B, C, r1 - r0, width)
+    w0, w1 = w0.view(-1, 1), w1.view(-1, 1)                                           # (r1 - r0, 1)
+    return (t0.double() * w0.double() + (t1 * w1).double()).float()
+
+
+def block_rows(num_classes, batch, width):
+    """Rows per block: about BLOCK_VALUES values, a multiple of BLOCK_ROW_MULTIPLE rows."""
+    rows = BLOCK_VALUES // max(1, num_classes * batch * width)
+    return max(BLOCK_ROW_MULTIPLE, rows - rows % BLOCK_ROW_MULTIPLE)
+
+
+def view_logits(model, images, input_size, autocast, align_corners, scales, flip, slide, slide_stride):
+    """The views of evaluation.predict_probs before their upsampling to the image size:
+    [(fp32 logits (B, C, h, w) of the view, mirrored)], made as predict_probs makes them."""
+    base = input_size or (images.shape[-1], images.shape[-2])
+    views = []
+    for scale in scales:
+        resized = evaluation.resize_images(images, evaluation.scaled_size(base, scale))   # (B, 3, s h, s w)
+        for mirrored in ((False, True) if flip else (False,)):
+            view = resized.flip(-1) if mirrored else resized
+            if slide is not None:
+                logits = evaluation.slide_logits(model, view, slide, slide_stride or slide, autocast,
+                                                 align_corners)                           # (B, C, s h, s w)
+            else:
+                with autocast():
+                    _, logits = model(view)                                               # (B, C, h/s, w/s)
+            views.append((logits.float(), mirrored))
+    return views
+
+
+@torch.no_grad()
+def predict_labels(model, images, args, input_size, aggregate, align_corners, device):
+    """Class indices (B, H, W) uint8 of images (B, 3, H, W) in [0, 1]: predict_probs(...).argmax(1) of
+    this run's protocol, at a fraction of its memory.
+
+    predict_probs holds the full-size probabilities of every view; here each view's logits stay at the
+    network's resolution, and the softmax of their upsampling, the average over the views and the
+    argmax are taken a block of rows at a time (upsample_rows). PLCA's aggregation keeps predict_probs'
+    whole-image path (its probabilities come from plca.aggregate_predict).
+    """
+    autocast = functools.partial(common.autocast, device, args.amp)  # a fresh context per forward
+    batch, _, height, width = images.shape
+    if aggregate:
+        return predict_probs(model, images, (height, width), input_size, autocast, aggregate, align_corners,
+                             args.scales, args.flip, args.slide, args.slide_stride).argmax(1).to(torch.uint8)
+    views = view_logits(model, images, input_size, autocast, align_corners, args.scales, args.flip, args.slide,
+                        args.slide_stride)
+    taps = [linear_taps(logits.shape[-2], height, align_corners) for logits, _ in views]
+    labels = torch.empty(batch, height, width, dtype=torch.uint8, device=images.device)
+    step = block_rows(views[0][0].shape[1], batch, width)
+    for r0 in range(0, height, step):
+        rows = (r0, min(r0 + step, height))
+        total = None
+        for (logits, mirrored), view_taps in zip(views, taps):
+            probs = torch.softmax(upsample_rows(logits, rows, view_taps, width, align_corners), dim=1)
+            probs = probs.flip(-1) if mirrored else probs                                  # (B, C, rows, W)
+            total = probs if total is None else total + probs
+        total = total if len(views) == 1 else total / len(views)
+        labels[:, rows[0]:rows[1]] = total.argmax(1).to(torch.uint8)
+    return labels
+
+
+def overlay_image(pred, image, palette):
+    """The class colours blended over the image, uint8 (H, W, 3), from pred (H, W) uint8 and the image
+    (3, H, W) uint8, a block of rows at a time (the float image of a 48-megapixel photo is 0.6 GB)."""
+    height = pred.shape[0]
+    overlay = np.empty((height, pred.shape[1], 3), dtype=np.uint8)
+    step = max(1, BLOCK_VALUES // max(1, 3 * pred.shape[1]))
+    for r0 in range(0, height, step):
+        block = slice(r0, r0 + step)
+        colour = palette[pred[block]]                                                      # (rows, W, 3)
+        rgb = image[:, block].permute(1, 2, 0).float().div_(255.0).numpy() * 255.0         # (rows, W, 3)
+        blended = OVERLAY_ALPHA * colour + (1.0 - OVERLAY_ALPHA) * rgb
+        overlay[block] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return overlay
 
 
 def save_folder_prediction(stem, pred, image, palette):
-    """stem.png (class indices), stem_color.png and stem_overlay.png. pred: (H, W) uint8; image: (3, H, W)."""
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    colour = palette[pred]                                                          # (H, W, 3) uint8
-    rgb = image.permute(1, 2, 0).numpy() * 255.0                                    # (H, W, 3)
-    overlay = OVERLAY_ALPHA * colour + (1.0 - OVERLAY_ALPHA) * rgb
-    Image.fromarray(pred).save(stem + ".png")
-    Image.fromarray(colour).save(stem + "_color.png")
-    Image.fromarray(np.clip(np.rint(overlay), 0, 255).astype(np.uint8)).save(stem + "_overlay.png")
+    """stem.png (class indices), stem_color.png and stem_overlay.png. pred: (H, W) uint8; image: (3, H, W)
+    uint8."""
+    save_png(stem + ".png", pred)
+    save_png(stem + "_color.png", palette[pred])
+    save_png(stem + "_overlay.png", overlay_image(pred, image, palette))
 
 
 def predict_folder(args, model, saved, space, device):
-    names = find_images(args.images)
+    names, hidden = find_images(args.images)
     stems = output_stems(args.images, names)
     check_outputs(args, [("--images", args.images)])
+    check_name_lengths(args.images, names, stems, args.save_pred)
     input_size = resolve_input_size(args, getattr(saved, "target", None))
     aggregate = aggregate_of(args, saved)
     protocol = protocol_record(args, input_size, aggregate, bool(getattr(saved, "align_corners", False)))
-    predict = predictor(args, input_size, aggregate, protocol["align_corners"], device)
     barrier()
+    check_writable(args.save_pred)
     if common.is_main_process():
-        os.makedirs(args.save_pred, exist_ok=True)
+        skipped = f"; skipped {hidden} hidden files and folders (names starting with '.')" if hidden else ""
         log_line(f"{args.ckpt}: predicting {len(names)} images under {args.images} into {args.save_pred} "
-                 f"({describe_protocol(protocol, args.tta_aggregate)})")
-    shard = common.shard(ImageFolder(args.images, names))
-    # batch_size None: items one by one (the images differ in size)
-    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=args.workers)
-    meter = progress("predicted", len(shard), 0.05, log_line)
+                 f"({describe_protocol(protocol, args.tta_aggregate)}){skipped}")
+    mine = list(range(common.rank(), len(names), common.world_size()))  # this rank's share (common.shard)
+    batches = size_batches(args.images, names, mine, args.batch_size)
+    loader = torch.utils.data.DataLoader(ImageFolder(args.images, names), batch_sampler=batches,
+                                         num_workers=args.workers, collate_fn=as_list)
+    meter = progress("predicted", len(mine), 0.05, log_line)
     palette = palette_table(space)
     model.eval()
-    for item in loader:
-        image = item["image"]                                                       # (3, H, W)
-        probs = predict(model, image[None].to(device), image.shape[-2:])            # (1, C, H, W)
-        pred = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()                     # (H, W)
-        save_folder_prediction(os.path.join(args.save_pred, stems[item["index"]]), pred, image, palette)
-        meter.update(1)
-    written = int(common.all_reduce_sum(torch.tensor([len(shard)], device=device)))
+    for items in loader:
+        for group in same_size_groups(items):
+            images = torch.stack([item["image"] for item in group]).to(device).float().div_(255.0)  # (B, 3, H, W)
+            labels = predict_labels(model, images, args, input_size, aggregate, protocol["align_corners"], device)
+            del images
+            for item, pred in zip(group, labels.cpu().numpy()):
+                save_folder_prediction(os.path.join(args.save_pred, stems[item["index"]]), pred, item["image"],
+                                       palette)
+            meter.update(len(group))
+    written = int(common.all_reduce_sum(torch.tensor([len(mine)], device=device)))
     if common.is_main_process():
         log_line(f"wrote the predictions of {written} images to {args.save_pred}")
 
@@ -445,4 +695,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    common.run_cli(main, oom_hint=OOM_HINT)

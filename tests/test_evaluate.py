@@ -356,8 +356,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, ckpts):
                           (["--slide", "0x5"], "--slide"), (["--slide-stride", "8x8"], "--slide-stride"),
                           (["--slide", "8x8", "--slide-stride", "16x8"], "--slide-stride"),
                           (["--target", "mnist"], "--target"), (["--pseudo-limit", "0"], "--pseudo-limit"),
-                          (["--save-pseudo", tmp_path / "p", "--flip"], "--save-pseudo"),
-                          (["--images", tmp_path, "--save-pred", tmp_path / "o", "--batch-size", "2"], "--batch-size")):
+                          (["--save-pseudo", tmp_path / "p", "--flip"], "--save-pseudo")):
         with pytest.raises(UserError, match=needle.replace("-", r"\-")):
             evaluate.parse_args(["--ckpt", str(ckpts["toy"]), *map(str, flags)])
     assert not os.listdir(tmp_path)

@@ -28,13 +28,14 @@ class UserError(Exception):
     """Bad input (a missing folder, an unknown name, a wrong checkpoint). Printed as one line, exit 2."""
 
 
-def run_cli(main):
+def run_cli(main, oom_hint=None):
     """Run `main()`; turn a UserError into a one-line message on stderr and exit code 2.
 
     Under torchrun every rank runs this: a setup error (the same on every rank) is printed by rank 0
     only; an error a rank meets alone in the loop (an unreadable file of its shard: `rank_local`) by
     that rank; a rank that loses contact because another one failed exits quietly (rank 0 says so in
-    one line) instead of adding a gloo traceback. Running out of memory is one line too.
+    one line) instead of adding a gloo traceback. Running out of memory is one line too, ending in
+    `oom_hint` (the script's own remedies; default: train.py's).
     """
     try:
         main()
@@ -47,8 +48,8 @@ def run_cli(main):
             time.sleep(RANK_EXIT_DELAY)
         sys.exit(2)
     except (MemoryError, torch.OutOfMemoryError) as err:
-        print(f"error: out of memory ({one_line(err) or type(err).__name__}): try a smaller --crop or "
-              f"--batch-size, --amp bf16, or --grad-checkpoint", file=sys.stderr)
+        print(f"error: out of memory ({one_line(err) or type(err).__name__}): " + (oom_hint or "try a smaller "
+              "--crop or --batch-size, --amp bf16, or --grad-checkpoint"), file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:
         if is_peer_failure(err):
@@ -59,8 +60,8 @@ def run_cli(main):
                       "see its output)", file=sys.stderr)
             sys.exit(2)
         if "can't allocate memory" in str(err):
-            print(f"error: out of memory ({one_line(err)}): try a smaller --crop or --batch-size, or "
-                  f"--grad-checkpoint", file=sys.stderr)
+            print(f"error: out of memory ({one_line(err)}): " + (oom_hint or "try a smaller --crop or "
+                  "--batch-size, or --grad-checkpoint"), file=sys.stderr)
             sys.exit(2)
         raise
 

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from uda import png16, toy
@@ -503,6 +503,7 @@ def split_key(key):
 # --------------------------------------------------------------------------------------------------
 # Reading image and label files: every failure is one line naming the file and the reason
 # --------------------------------------------------------------------------------------------------
+EXIF_ORIENTATION = 0x0112  # EXIF tag: how the camera held the picture (1 upright, 5..8 turned a quarter)
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")  # single-channel: ids (P: palette indices)
 GRAY16_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit (or 32-bit int) grayscale
 
@@ -526,7 +527,12 @@ def unreadable_reason(path, err):
 
 def decode_file(path, what, to_array):
     """Open `path` with Pillow, decode it fully (.load(): a truncated file fails here, not later inside a
-    transform), and return to_array(image). what: 'image' or 'label', for the message.
+    transform), turn it upright by its EXIF orientation, and return to_array(image). what: 'image' or
+    'label', for the message.
+
+    Phones store a portrait photo as landscape pixels plus an Orientation tag; every viewer shows it
+    turned, and its label was drawn on what the viewer showed. So images and labels alike are read in
+    that displayed frame (a label PNG rarely carries the tag; when it does, the same rule applies).
 
     Every Pillow failure becomes a one-line UserError; raised inside a DataLoader worker, the main process
     re-raises it with the worker's traceback above, and the last line stays `UserError: <that line>`.
@@ -534,6 +540,7 @@ def decode_file(path, what, to_array):
     try:
         with Image.open(path) as im:
             im.load()
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of a 48-megapixel photo
             return to_array(im)
     except (UserError, MemoryError):  # ours already say what is wrong; running out of memory is no bad file
         raise
@@ -570,10 +577,22 @@ def read_image(path):
 
 
 def probe_image(path, what="image"):
-    """(mode, (width, height)) from the file header only (cheap: no pixel is decoded)."""
+    """(mode, (width, height)) from the file header only (cheap: no pixel is decoded), the size as
+    displayed: width and height swapped for an EXIF orientation turned a quarter (5..8).
+
+    A PNG's orientation is read only when its eXIf chunk comes before the pixels (where Pillow writes
+    it): finding a later one would decode the image. read_image always applies it.
+    """
     try:
         with Image.open(path) as im:
-            return im.mode, im.size
+            if im.format == "PNG":
+                exif = Image.Exif()
+                if "exif" in im.info:
+                    exif.load(im.info["exif"])
+            else:
+                exif = im.getexif()
+            turned = exif.get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            return im.mode, (im.size[::-1] if turned else im.size)
     except MemoryError:
         raise
     except Exception as err:
@@ -642,6 +661,12 @@ class ToyDataset(Dataset):
                                   num_classes=self.num_classes)
         return toy.generate(self.domain, self.split, index)[1]
 
+    def label_files(self):
+        """The label files label_array reads (the pseudo-labels; none for generated labels)."""
+        if not self.pseudo_dir:
+            return []
+        return [os.path.join(self.pseudo_dir, self.item_name(i) + ".png") for i in range(self.length)]
+
     def __getitem__(self, key):
         index, draw, cls = split_key(key)
         image, label = toy.generate(self.domain, self.split, index)
@@ -703,6 +728,10 @@ class FileDataset(Dataset):
             raise UserError(f"{self.name} {self.split}: built without labels (labeled=False); its labels cannot "
                             f"be read")
         return self.read_label(self.items[index][1])
+
+    def label_files(self):
+        """The label files label_array reads, in item order."""
+        return [label for _, label, _ in self.items if label is not None]
 
     def load(self, index):
         image_path, label_path, _ = self.items[index]
@@ -1004,6 +1033,32 @@ def missing_files(items):
     return missing
 
 
+def case_twin(path):
+    """The name of a file beside `path` that differs from its name only in letter case (IMG_1.PNG for an
+    expected IMG_1.png), or None. File names are case-sensitive here, so such a file is 'missing'."""
+    folder, base = os.path.split(path)
+    if not os.path.isdir(folder):
+        return None
+    return next((f for f in sorted(os.listdir(folder)) if f != base and f.lower() == base.lower()), None)
+
+
+def case_hint(missing, name):
+    """' (...)' telling why the first missing file whose twin differs in case is missing, and how to fix
+    it; '' when no missing file has one. Looks at a few files only (one folder listing each)."""
+    for path in missing[:3]:
+        twin = case_twin(path)
+        if twin is None:
+            continue
+        fix = "rename the files"
+        if name == FOLDER:
+            suffix = os.path.splitext(twin)[1]
+            fix = (f'set the suffix the files have in classes.json, "label_suffix": "{suffix}" for labels or '
+                   f'"img_suffix": "{suffix}" for images (or rename the files)')
+        return (f" ({os.path.join(os.path.dirname(path), twin)} differs from the expected {os.path.basename(path)} "
+                f"only in letter case, and file names are case-sensitive: {fix})")
+    return ""
+
+
 def check_files_exist(dataset):
     """Refuse a dataset any of whose listed image / label files is missing: one line naming the first
     missing file (with its data-list line when the dataset came from a list) and how many are missing.
@@ -1023,10 +1078,11 @@ def check_files_exist(dataset):
         absent = set(missing)
         first = next(i for i, item in enumerate(items) if item[0] in absent or item[1] in absent)
         raise UserError(f"list {dataset.list_file} line {dataset.lines[first]}: {missing[0]} not found "
-                        f"({len(missing)} missing files among its {len(items)} entries)")
+                        f"({len(missing)} missing files among its {len(items)} entries){case_hint(missing, name)}")
+    hint = case_hint(missing, name) or (f" (see `python -m uda.datasets check {name} {root}`; "
+                                        f"`python -m uda.datasets lists {name} {root}` lists what is there)")
     raise UserError(f"{name} {split}: {len(missing)} of {len(items)} listed images/labels are missing under "
-                    f"{root}, e.g. {', '.join(missing[:3])} (see `python -m uda.datasets check {name} {root}`; "
-                    f"`python -m uda.datasets lists {name} {root}` lists what is there)")
+                    f"{root}, e.g. {', '.join(missing[:3])}{hint}")
 
 
 def check_batchable(dataset, batch_size):
@@ -1263,13 +1319,15 @@ def check_space(name, synthia_classes, classes=None):
 
 def check_images(chosen, reader):
     """Decode the chosen (image, label, name) items: (pixel histogram (256,), unreadable, size mismatches,
-    16-bit grayscale images). Nothing raises: every broken file is reported with its reason."""
+    16-bit grayscale images). Nothing raises: every broken file is reported with its reason. Sizes are
+    compared as the training reads the pair: both turned upright by their EXIF orientation."""
     pixels = np.zeros(256, dtype=np.int64)
     unreadable, mismatched, gray16 = [], [], []
     for image_path, label_path, _ in chosen:
         try:
-            mode, image_size = probe_image(image_path)
-            read_image(image_path)  # a full decode: truncated files fail here
+            mode = probe_image(image_path)[0]
+            image = read_image(image_path)  # a full decode: truncated files fail here
+            image_size = (image.shape[1], image.shape[0])  # (width, height), upright
         except UserError as err:
             unreadable.append(str(err))
             continue
@@ -1338,13 +1396,16 @@ def print_report(report, labeled, space, pixels, full, out):
         out(f"  labels: none (no labels/{report['split']}/ folder: usable as an unlabelled target)")
     if missing:
         out(f"  MISSING {len(missing)} files: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        hint = case_hint(missing, name)
+        if hint:
+            out(f"  HINT: {hint[2:-1]}")
     if expected and items != expected:
         out(f"  WARNING: {items} listed, a complete copy has {expected}")
     for text in report["unreadable"][:10]:
         out(f"  UNREADABLE {text}")
     if report["size_mismatches"]:
-        out(f"  {len(report['size_mismatches'])} image/label size mismatches (labels are resized to the image, "
-            f"nearest): " + "; ".join(report["size_mismatches"][:5]))
+        out(f"  {len(report['size_mismatches'])} image/label size mismatches (sizes as displayed, after EXIF "
+            f"orientation; labels are resized to the image, nearest): " + "; ".join(report["size_mismatches"][:5]))
     if report["gray16_images"]:
         out(f"  NOTE: {len(report['gray16_images'])} images are 16-bit grayscale (read as 8-bit gray, value / 257), "
             f"e.g. {report['gray16_images'][0]}")

@@ -26,7 +26,9 @@ the sampler yields (index, draw, c).
 Class statistics: per image, the pixel count of every class of the model's label space (255 excluded),
 at the label file's resolution (as DAFormer's sample_class_stats). Computed once, sharded over ranks and
 summed (identical on every rank), and cached in a JSON file next to the run folder (default
-OUT/../class_stats_<dataset>_<key>.json, or --stats-cache FILE), never inside the dataset folder.
+OUT/../class_stats_<dataset>_<key>.json, or --stats-cache FILE), never inside the dataset folder. The
+cache records the size and modification time of every label file (label_fingerprint): a label edited,
+replaced or re-converted since makes it stale, and the statistics are computed again.
 
 Deviations (from the official code):
 - FADA carries its per-class round-robin pointers across sub-epochs and builds each rank's list with an
@@ -80,7 +82,25 @@ def _comm_device():
     return torch.device("cpu")
 
 
-def _load_cache(path, names, num_classes):
+def label_fingerprint(dataset):
+    """A hash of (path, size, mtime_ns) of every label file the dataset reads (None for labels that are
+    generated, not read: the toy): it changes whenever a label file is edited or replaced, even when its
+    name does not. A missing file counts as (path, -1, -1): it fails later, with its own message."""
+    files = getattr(dataset, "label_files", lambda: [])()
+    if not files:
+        return None
+    digest = hashlib.sha1()
+    for path in files:
+        try:
+            stat = os.stat(path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        digest.update(f"{path}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()
+
+
+def _load_cache(path, names, num_classes, fingerprint):
     if not path or not os.path.isfile(path):
         return None
     try:
@@ -90,6 +110,8 @@ def _load_cache(path, names, num_classes):
     except (ValueError, KeyError, TypeError):
         return None
     if record.get("names") != names or counts.shape != (len(names), num_classes):
+        return None
+    if record.get("label_files") != fingerprint:  # a label changed since (or a cache of an older version)
         return None
     return counts
 
@@ -120,7 +142,8 @@ def class_statistics(dataset, num_classes, cache_path=None, workers=0):
     """
     names = [dataset.item_name(i) for i in range(len(dataset))]
     device = _comm_device()
-    counts = _load_cache(cache_path, names, num_classes) if common.is_main_process() else None
+    fingerprint = label_fingerprint(dataset) if common.is_main_process() else None
+    counts = _load_cache(cache_path, names, num_classes, fingerprint) if common.is_main_process() else None
     found = common.all_reduce_sum(torch.tensor([counts is not None], dtype=torch.int64, device=device))
     if found.item():
         shared = torch.from_numpy(counts) if counts is not None else \
@@ -135,14 +158,16 @@ def class_statistics(dataset, num_classes, cache_path=None, workers=0):
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         tmp = f"{cache_path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"names": names, "num_classes": num_classes, "counts": counts.tolist()}, f)
+            json.dump({"names": names, "num_classes": num_classes, "label_files": fingerprint,
+                       "counts": counts.tolist()}, f)
         os.replace(tmp, cache_path)
     return counts
 
 
 def default_cache_path(args, dataset, space):
     """--stats-cache, else OUT/../class_stats_<dataset>_<key>.json, the key hashing what the statistics
-    depend on: the label files (root or pseudo-label folder), the item names and the label space."""
+    depend on: the label files (root or pseudo-label folder; their sizes and modification times), the item
+    names and the label space."""
     if getattr(args, "stats_cache", None):
         return args.stats_cache
     items = getattr(dataset, "items", None)
@@ -154,6 +179,10 @@ def default_cache_path(args, dataset, space):
     label_key = getattr(dataset, "label_key", None)
     if label_key is not None:
         key_parts.append(label_key)
+    # edited label files get a file of their own: a run on the old labels keeps reading its cache
+    fingerprint = label_fingerprint(dataset)
+    if fingerprint is not None:
+        key_parts.append(fingerprint)
     identity = json.dumps(key_parts)
     key = hashlib.sha1(identity.encode()).hexdigest()[:10]
     return os.path.join(os.path.dirname(os.path.abspath(args.out)), f"class_stats_{args.source}_{key}.json")
