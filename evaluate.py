@@ -513,8 +513,9 @@ def upsample_rows(x, rows, taps, width, align_corners):
     PyTorch's kernel interpolates each needed input row along the width, then blends the two input rows
     of every output row; so do we: the width pass on the few input rows these output rows read (a
     resize of (h', w) to (h', width), whose height pass is the identity), then the blend t0 w0 + t1 w1
-    per output row, with one rounding of the sum (the kernel's fused multiply-add). The values agree
-    with the one-shot upsampling to the last bit on the CPUs tried, and their argmax always.
+    per output row as the kernel computes it, t0 w0 added to the rounded t1 w1 (addcmul, the same
+    vectorised multiply-add). The values equal the one-shot upsampling's to the last bit on the CPU
+    tried (AVX-512); tests/test_predict_large.py checks closeness and the argmax.
     """
     r0, r1 = rows
     i0, i1, w0, w1 = (t[r0:r1] for t in taps)
@@ -522,7 +523,7 @@ def upsample_rows(x, rows, taps, width, align_corners):
     across = common.upsample(x[:, :, low:high], (high - low, width), align_corners)   # (B, C, h', width)
     t0, t1 = across[:, :, i0 - low], across[:, :, i1 - low]                           # (B, C, r1 - r0, width)
     w0, w1 = w0.view(-1, 1), w1.view(-1, 1)                                           # (r1 - r0, 1)
-    return (t0.double() * w0.double() + (t1 * w1).double()).float()
+    return torch.addcmul(t1 * w1, t0, w0)
 
 
 def block_rows(num_classes, batch, width):
@@ -578,7 +579,8 @@ def predict_labels(model, images, args, input_size, aggregate, align_corners, de
             probs = probs.flip(-1) if mirrored else probs                                  # (B, C, rows, W)
             total = probs if total is None else total + probs
         total = total if len(views) == 1 else total / len(views)
-        labels[:, rows[0]:rows[1]] = total.argmax(1).to(torch.uint8)
+        # max(1).indices: argmax's first-maximum rule, about three times faster on a (B, C, rows, W) block
+        labels[:, rows[0]:rows[1]] = total.max(1).indices.to(torch.uint8)
     return labels
 
 
