@@ -77,7 +77,7 @@ OVERLAY_ALPHA = 0.5                         # weight of the class colours in <na
 BLOCK_VALUES = 2 ** 22
 # rows per block are a multiple of this: every block then starts and ends on the same 16-value
 # boundaries of the flattened map as the whole-image softmax's vector lanes (AVX-512: 16 floats), so
-# block by block gives the same bits as one softmax over the whole map
+# on one thread block by block gives the same bits as one softmax over the whole map
 BLOCK_ROW_MULTIPLE = 16
 OOM_HINT = "try a smaller --input-size, --slide WxH, --batch-size 1 or --amp bf16"
 
@@ -514,8 +514,9 @@ def upsample_rows(x, rows, taps, width, align_corners):
     of every output row; so do we: the width pass on the few input rows these output rows read (a
     resize of (h', w) to (h', width), whose height pass is the identity), then the blend t0 w0 + t1 w1
     per output row as the kernel computes it, t0 w0 added to the rounded t1 w1 (addcmul, the same
-    vectorised multiply-add). The values equal the one-shot upsampling's to the last bit on the CPU
-    tried (AVX-512); tests/test_predict_large.py checks closeness and the argmax.
+    vectorised multiply-add). On the CPU tried (AVX-512) the values equal the one-shot upsampling's to
+    the last bit once the maps are 24x40 or larger (tiny maps take another kernel path and differ in the
+    last bit); tests/test_predict_large.py checks closeness and the argmax.
     """
     r0, r1 = rows
     i0, i1, w0, w1 = (t[r0:r1] for t in taps)

@@ -143,6 +143,7 @@ def test_images_follow_symlinked_folders_once_and_skip_hidden_files(tmp_path, ca
     os.symlink(photos, photos / "sub" / "loop")    # a link to a parent: would loop for ever
     names, hidden = evaluate.find_images(str(photos))
     assert names == ["a.png", os.path.join("linked", "c.png"), os.path.join("sub", "b.jpg")] and hidden == 2
+    assert datasets.scan_images(str(photos)) == names  # training's scan: the same files, once each
     evaluate.main(["--ckpt", str(tmp_path), "--images", str(photos), "--save-pred", str(tmp_path / "pred"), *FAST])
     assert "predicting 3 images" in capsys.readouterr().out.replace("\n", " ")
     assert files_under(tmp_path / "pred") == sorted(f"{stem}{suffix}.png" for stem in ("a", "linked/c", "sub/b")

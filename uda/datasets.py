@@ -918,13 +918,18 @@ def folder_list(name, split, root, img_suffix=None):
 
 
 def scan_images(folder, img_suffix=None):
-    """Image paths relative to `folder`, nested sub-folders included (symlinked ones too), sorted.
+    """Image paths relative to `folder`, nested sub-folders included (symlinked ones too, each real folder
+    once: a link to a parent would list its files again and again), sorted.
 
     img_suffix None: any of .png/.jpg/.jpeg, any case. Hidden files (macOS '._x.png' resource forks,
     '.DS_Store') are skipped: they carry an image suffix but no image.
     """
-    found = []
+    found, visited = [], set()
     for dirpath, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(dirpath) in visited:
+            dirs[:] = []
+            continue
+        visited.add(os.path.realpath(dirpath))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [os.path.relpath(os.path.join(dirpath, f), folder) for f in files
                   if not f.startswith(".") and image_stem(f, img_suffix) is not None]
