@@ -45,7 +45,10 @@ Broken input never surfaces as a traceback from deep inside a DataLoader worker:
 truncated or non-image file, an RGB label, a folder without images, a bad classes.json or data list is a
 one-line UserError naming the file and the reason (a worker re-raises it in the main process, whose last
 line is that one line). 16-bit grayscale images (Pillow modes I;16 / I) are scaled to 8 bits (/257)
-instead of being clipped to white by Pillow's RGB conversion.
+instead of being clipped to white by Pillow's RGB conversion. Images and labels are read upright, their
+EXIF orientation applied (phone photos), as a viewer shows them. A missing file whose name differs from
+an existing one only in letter case (IMG_1.PNG for IMG_1.png) is named in the error, with classes.json's
+"img_suffix" / "label_suffix" keys that declare other suffixes.
 
 Training items (train.py): resize to the papers' size (--source-size / --target-size; GTA5 1280x720,
 SYNTHIA 1280x760, Cityscapes and Cross-City 1024x512; native for a pseudo-labelled source and for a
