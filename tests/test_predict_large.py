@@ -35,10 +35,10 @@ def test_linear_taps_are_pytorchs_weights(size_in, size_out, align_corners):
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
-@pytest.mark.parametrize("small,big", [((24, 40), (177, 333)), ((45, 84), (400, 700)), ((20, 20), (61, 19))])
+@pytest.mark.parametrize("small,big", [((24, 40), (177, 333)), ((45, 84), (250, 420)), ((20, 20), (61, 19))])
 def test_blocked_upsampling_equals_the_one_shot_upsampling(small, big, align_corners):
     torch.manual_seed(0)
-    logits = 4.0 * torch.randn(2, 19, *small)                                              # (B, C, h, w)
+    logits = 4.0 * torch.randn(1, 19, *small)                                              # (B, C, h, w)
     whole = common.upsample(logits, big, align_corners)                                    # (B, C, H, W)
     taps = evaluate.linear_taps(small[0], big[0], align_corners)
     bounds = sorted({0, 16, 17, 48, 64, big[0] // 2, big[0] - 1, big[0]} & set(range(big[0] + 1)))  # ragged blocks
