@@ -255,7 +255,7 @@ def test_only_the_source_is_augmented_jitter_then_grayscale_then_blur_from_the_m
     model, method = make_method()
     seen = capture_model_inputs(model)
     source, target = toy_batch(0), toy_batch(1, labeled=False)
-    g = common.method_generator(0, sdca.STREAM)  # the method's generator, as it starts
+    g = common.method_generator(0, sdca.GENERATOR_STREAM)  # the method's generator, as it starts
     assert torch.equal(method.generator.get_state(), g.get_state())
     expected = augment.color_jitter(source["image"], 0.5, 0.5, 0.5, 0.2, g)
     expected = augment.random_grayscale(expected, 0.2, g)

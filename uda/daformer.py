@@ -75,7 +75,7 @@ from uda import common, models  # models: only to build the frozen network of --
 from uda.augment import dacs_strong_augment
 from uda.common import IGNORE_INDEX, UserError, optimizer_step, upsample
 
-GENERATOR_STREAM = 3  # this method's common.method_generator stream (its place in uda/methods.py METHODS)
+GENERATOR_STREAM = "daformer"  # common.method_generator's stream, named after the method
 # DAFormer configs/_base_/uda/dacs_a999_fdthings.py: the "thing" classes, as Cityscapes trainIds
 THING_TRAINIDS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 # DAFormer gta2cs ..._croppl_... config: rows of a Cityscapes 512 crop whose pseudo-labels get weight 0

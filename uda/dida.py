@@ -88,7 +88,7 @@ from uda.augment import dacs_strong_augment
 from uda.common import IGNORE_INDEX, optimizer_step, upsample
 from uda.daformer import add_arguments as add_daformer_arguments
 
-GENERATOR_STREAM = 4   # this method's common.method_generator stream (its place in uda/methods.py METHODS)
+GENERATOR_STREAM = "dida"  # common.method_generator's stream, named after the method
 LOG_EPS = 1e-10        # official instance_similarity_loss: log(p + 1e-10)
 DIV_EPS = 1e-12        # denominators of the released-mode normalisations (guards a zero sum)
 SIMMATCH_ALPHA = 0.9   # SimMatch smoothing_alpha (USB default); the released DIDA uses 1 (gather off)

@@ -75,7 +75,7 @@ from uda.source_only import cross_entropy
 
 LEAKY_SLOPE = 0.2  # official PixelDiscriminator: LeakyReLU(negative_slope=0.2)
 DISCRIMINATOR_ALIGN_CORNERS = True  # official PixelDiscriminator.forward: F.interpolate(..., align_corners=True)
-GENERATOR_STREAM = 2  # this method's stream of common.method_generator (source colour jitter)
+GENERATOR_STREAM = "fada"  # common.method_generator's stream, named after the method (source colour jitter)
 
 
 # --------------------------------------------------------------------------------------------------

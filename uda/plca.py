@@ -89,7 +89,7 @@ NLL_CLAMP = 100.0       # torch.nn.BCELoss clamps log(x) at -100; the official l
 TTA_ALPHA = 0.5         # official tools/test.py: alpha = 0.5 for both test-time aggregations
 BLOCK_ELEMENTS = 1 << 22  # entries of one row block when --plca-chunk is 0 (16 MiB in fp32): temporaries
                           # that fit the CPU's last-level cache, and blocks large enough for full-speed matmuls
-GENERATOR_STREAM = 7    # this method's stream of common.method_generator
+GENERATOR_STREAM = "plca"  # common.method_generator's stream, named after the method
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from uda.augment import color_jitter
 from uda.common import IGNORE_INDEX, UserError, optimizer_step, sgd
 from uda.source_only import supervised_loss
 
-GENERATOR_STREAM = 3  # this method's stream of common.method_generator (jitter, scale, crop, flip)
+GENERATOR_STREAM = "selftrain"  # common.method_generator's stream, named after the method (jitter, scale, crop, flip)
 
 
 # --------------------------------------------------------------------------------------------------
