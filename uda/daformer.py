@@ -288,6 +288,15 @@ RECIPE = {  # DAFormer configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999
     "backbone": "mit-b5",       # configs/_base_/models/daformer_conv1_mitb5.py: mit_b5, pretrained mit_b5.pth
     "align_corners": False,     # daformer_conv1_mitb5.py decode_head align_corners False (losses and test)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the control switches off the mixed pseudo-label term (EMA teacher + ClassMix)
+CONTROL_FLAGS = ["--daformer-lambda-mix", "0"]
+# evaluation as mmseg's: logits resized to the input size, then to the label size (uda/evaluation.py;
+# lhoyer/DAFormer @ e6f6e04 mmseg/models/segmentors/encoder_decoder.py:77-81 and :221-232)
+RESIZE_VIA_INPUT = True
+# uda/bench/scale.py scales these own flags with its --size-factor: rows of a Cityscapes target crop
+SIZE_FLAGS = {"--daformer-pseudo-ignore-top": CITYSCAPES_IGNORE_TOP,
+              "--daformer-pseudo-ignore-bottom": CITYSCAPES_IGNORE_BOTTOM}
 
 
 class DAFormer:

@@ -274,6 +274,14 @@ def gather_from_ranks(tensor):
 # The method
 # --------------------------------------------------------------------------------------------------
 RECIPE = dict(daformer.RECIPE)  # DIDA's configs are DAFormer's (shared/reference/dida.md, section 1)
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the control: the instance loss, the bank's evidence gathered into the pseudo-labels and the teacher's
+# photometric weak view (there for the weak/strong instance consistency; DAFormer's teacher sees the clean
+# crop) off: what remains is DAFormer's iteration (with DIDA's random stream)
+CONTROL_FLAGS = ["--dida-lambda-ins", "0", "--dida-gather-alpha", "1", "--dida-weak-view", "clean"]
+CONTROL_NOTE = "DAFormer's iteration, with DIDA's random stream"
+RESIZE_VIA_INPUT = True  # evaluation as mmseg's, which DIDA's code is built on (see daformer.py)
+SIZE_FLAGS = daformer.SIZE_FLAGS  # DAFormer's pixel-size flags, scaled by uda/bench/scale.py
 
 
 class DIDA:

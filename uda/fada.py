@@ -168,6 +168,12 @@ RECIPE = {
     "source_sampler": "class-balanced",  # gta5.py / synthia.py build their train lists class-balanced
     "align_corners": True,               # classifier.py ASPP_Classifier_V2: F.interpolate(align_corners=True)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the toy benchmark's recipe-only control switches off FADA's idea, the adversarial term on target features
+CONTROL_FLAGS = ["--fada-lambda-adv", "0"]
+# the toy benchmark samples the source uniformly, as in the README's toy table (class-balanced sampling is
+# this recipe's real-data choice)
+TOY_FLAGS = ["--source-sampler", "uniform"]
 
 
 class FADA:

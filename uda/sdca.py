@@ -225,6 +225,12 @@ RECIPE = {
     "align_corners": True,     # train_sdca.py: F.interpolate(..., align_corners=True), training and test
     "backbone": "deeplabv2-r101",  # MODEL.NAME deeplab_resnet101, torchvision ImageNet weights
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the toy benchmark's recipe-only control switches off both pixel contrastive levels
+CONTROL_FLAGS = ["--sdca-lambda-feat", "0", "--sdca-lambda-out", "0"]
+CONTROL_NOTE = "without the `python -m uda.sdca init` pass: its statistics feed only the contrastive terms"
+# the toy benchmark samples the source uniformly, as its README table was made (see fada.py)
+TOY_FLAGS = ["--source-sampler", "uniform"]
 
 
 def load_init_statistics(path, feat_stats, out_stats):

@@ -110,6 +110,10 @@ RECIPE = {
     "crop": "2048x1024",       # whole Cityscapes images: the official dataset applies no resize before RandomScale
     "align_corners": True,     # classifier.py ASPP_Classifier_V2: F.interpolate(align_corners=True)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# a stage on another method's pseudo-labels (FADA's stage 4), not a benchmark row of its own
+BENCHMARK_ROW = False
+SIZE_FLAGS = {"--selftrain-crop": None}  # a pixel size, scaled by uda/bench/scale.py (None: its default)
 
 
 class SelfTrain:
