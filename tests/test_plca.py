@@ -313,8 +313,8 @@ def test_lsr_gradient_is_l_minus_tau_over_tau_times_dl():
 # --------------------------------------------------------------------------------------------------
 # AMP, the method step, test-time aggregation
 # --------------------------------------------------------------------------------------------------
-def make_method(model, *flags, amp="off"):
-    args = flags.parse_args(["--method", "plca", "--out", "unused", "--batch-size", "2", "--lr", "1e-3", *flags])
+def make_method(model, *extra, amp="off"):
+    args = flags.parse_args(["--method", "plca", "--out", "unused", "--batch-size", "2", "--lr", "1e-3", *extra])
     env = common.make_env("cpu", amp, datasets.label_space(args.source, args))
     return plca.PLCA(model, args, env)
 

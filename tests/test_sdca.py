@@ -175,10 +175,10 @@ def test_confident_pseudo_labels_and_label_downsampling():
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
-def make_method(*flags):
+def make_method(*extra):
     """SDCA on the tiny toy model, built as train.py builds it, from train.py's own parser."""
     args = flags.parse_args(["--method", "sdca", "--out", "-", "--iters", "6", "--stop-iter", "6", "--lr", "0.01",
-                             *map(str, flags)])
+                             *map(str, extra)])
     torch.manual_seed(0)
     model = models.build_model(args.backbone, datasets.TOY_SPACE.num_classes, bn=args.bn)
     env = common.make_env("cpu", args.amp, datasets.TOY_SPACE)
