@@ -422,7 +422,7 @@ def markdown_table(methods):
 def markdown_notes(args):
     """The notes under the table: how recipe and idea are computed, each control's flags, backbone caveats."""
     lines = []
-    if args.controls == "on":
+    if args.controls == "on" and controlled(args.methods):
         lines += ["recipe = control − source_only, idea = method − control: mean ± sample std over seeds of the "
                   "per-seed differences (the three runs of a seed start from its warm-up checkpoint; recipe + "
                   "idea = the method's gain over source_only in that seed). A control is its method's command with these flags "
