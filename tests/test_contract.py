@@ -210,3 +210,30 @@ def test_periodic_and_offline_evaluation_read_the_method_s_resize(monkeypatch):
         args = argparse.Namespace(method=method, target="toy-real", align_corners=False)
         train.run_evaluation(None, None, datasets.TOY_SPACE, env, args, 1, log, "unused")
         assert seen["resize_via_input"] == (method == "daformer") and "test_time_predict" not in seen, method
+
+
+@pytest.mark.slow
+def test_a_folder_run_saves_its_classes_beside_the_flags_and_old_checkpoints_still_load(tmp_path):
+    """folder_classes is derived from the data, not a flag: the checkpoint keeps it under its own key (no
+    longer in args), and evaluate.py rebuilds the model without the dataset; an older checkpoint with
+    it among the args loads the same."""
+    import shutil
+
+    import train
+    from make_folder_dataset import make
+    root = tmp_path / "data"
+    make(str(root), train=8, val=4)
+    out = tmp_path / "run"
+    train.main(["--method", "source_only", "--source", "folder", "--source-root", str(root), "--target", "folder",
+                "--target-root", str(root), "--out", str(out), "--crop", "64x48", "--iters", "2", "--batch-size", "2",
+                "--lr", "0.001", "--no-eval", "--eval-every", "0", "--workers", "0", "--device", "cpu"])
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    classes = datasets.read_folder_classes(str(root))
+    assert ckpt["folder_classes"] == classes and "folder_classes" not in ckpt["args"]
+    shutil.rmtree(root)  # the checkpoint is readable without its dataset
+    _, saved, space = evaluation.model_from_checkpoint(str(out / "last.pt"), "cpu")
+    assert saved.folder_classes == classes and space.names == list(classes["classes"])
+    old = dict(ckpt, args={**ckpt["args"], "folder_classes": classes})
+    del old["folder_classes"]
+    torch.save(old, tmp_path / "old.pt")
+    assert evaluation.model_from_checkpoint(str(tmp_path / "old.pt"), "cpu")[2].names == space.names
