@@ -27,6 +27,7 @@ from uda.methods import METHODS
 # Recipe values that describe the papers' real datasets and networks (sizes, backbone, its BN mode):
 # the built-in toy has its own sizes and tiny network, so there they apply only when given explicitly.
 REAL_DATA_KEYS = ("backbone", "bn", "crop", "source_size", "target_size", "random_scale")
+DEFAULT_METHOD, DEFAULT_SOURCE = "source_only", "toy-synth"
 TOY_BACKBONE, REAL_BACKBONE = "tiny", "deeplabv2-r101"  # --backbone when no recipe names one
 _UNSET = object()
 # What a flag left unset (None) means, shown by --help as its default when no recipe value applies
@@ -52,8 +53,8 @@ class Run:
 # The common flags
 # --------------------------------------------------------------------------------------------------
 def add_common_arguments(p):
-    p.add_argument("--method", default="source_only", choices=list(METHODS), help="training method")
-    p.add_argument("--source", default="toy-synth", choices=datasets.DATASET_NAMES, help="labelled source dataset")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help="training method")
+    p.add_argument("--source", default=DEFAULT_SOURCE, choices=datasets.DATASET_NAMES, help="labelled source dataset")
     p.add_argument("--target", default=None, choices=datasets.DATASET_NAMES,
                    help="unlabelled target dataset (goes with --source: cityscapes for gta5/synthia, toy-real for "
                         "the toy)")
@@ -168,21 +169,19 @@ def applicable_recipe(method, source, iters=None):
     return recipe
 
 
-def defaults(method, source="toy-synth", iters=None):
+def defaults(method, source=DEFAULT_SOURCE, iters=None):
     """The default of every common flag for `--method method --source source` (iters: an --iters given on
     the command line, else None): what train.py's parser uses, and what the tools build methods with."""
     values = {**common_defaults(), **applicable_recipe(method, source, iters), "method": method, "source": source}
     if iters is not None:
         values["iters"] = iters
     values["target"] = datasets.default_target(source)
-    if source in toy.DOMAINS:
-        values["backbone"] = TOY_BACKBONE
-    values["backbone"] = values["backbone"] or REAL_BACKBONE
+    values["backbone"] = TOY_BACKBONE if source in toy.DOMAINS else values["backbone"] or REAL_BACKBONE
     values["stop_iter"] = values["stop_iter"] or values["iters"]
     return values
 
 
-def build_parser(method, source="toy-synth", iters=None, description=None):
+def build_parser(method, source=DEFAULT_SOURCE, iters=None, description=None):
     """The full parser of a run with --method `method` on --source `source` (iters: an --iters given on
     the command line): common flags, the method's flags, every default that applies (`defaults`)."""
     module = METHODS[method]
@@ -200,8 +199,8 @@ def build_parser(method, source="toy-synth", iters=None, description=None):
 def first_pass(argv):
     """--method, --source and --iters: what decides which flags exist and which defaults apply."""
     first = common.ArgumentParser(add_help=False)
-    first.add_argument("--method", default="source_only")
-    first.add_argument("--source", default="toy-synth", choices=datasets.DATASET_NAMES)
+    first.add_argument("--method", default=DEFAULT_METHOD)
+    first.add_argument("--source", default=DEFAULT_SOURCE, choices=datasets.DATASET_NAMES)
     first.add_argument("--iters", type=common.positive_int, default=None)
     known, _ = first.parse_known_args(argv)
     if known.method not in METHODS:

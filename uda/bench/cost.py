@@ -76,9 +76,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from uda import common, datasets, models, plca, png16, sdca
-from uda.flags import defaults as run_defaults
 from uda.bench import METHODS, toy
 from uda.common import IGNORE_INDEX
+from uda.flags import defaults as run_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPACE = datasets.TOY_SPACE  # 19 classes: the toy's, and Cityscapes'

@@ -83,8 +83,8 @@ import time
 
 from uda import common, datasets, models
 from uda.bench import METHODS
-from uda.flags import applicable_recipe, common_defaults
 from uda.common import UserError, run_cli
+from uda.flags import applicable_recipe, common_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE, ORACLE, SELFTRAIN_ROW = "source_only", "oracle", "fada+selftrain"
@@ -96,6 +96,8 @@ EXTRA_EVALS = {NO_AGGREGATION_ROW: ("plca", NO_AGGREGATION)}
 # RCS: images with more than --rcs-min-pixels of a class (3000: DAFormer's, at GTA5's 1280x720 training
 # size); the same share of a 256x128 toy image: 3000 * (256 * 128) / (1280 * 720) = 107 pixels
 TOY_RCS_SHARE = (256 * 128) / (1280 * 720)
+
+
 def method_names():
     """The methods with a row of their own: all but the baseline and those with BENCHMARK_ROW = False."""
     return [name for name, module in METHODS.items()
