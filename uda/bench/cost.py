@@ -58,8 +58,8 @@ work: CUDA torch.cuda.max_memory_allocated; CPU the process's peak resident set 
 /proc/self/clear_refs). For a backbone that is activations and gradients, its weights excluded.
 
 Methods are built through the contract of uda/source_only.py: `method_args` gives the flags
-`train.py --method X` parses for a toy run, without importing train.py (tests/test_cost.py checks it
-against train.parse_args), `common.make_env` the env, `models.build_model` the network (random init).
+`train.py --method X` parses for a toy run, from uda/flags.py's defaults (tests/test_cost.py checks it
+against flags.parse_args), `common.make_env` the env, `models.build_model` the network (random init).
 """
 import argparse
 import json
