@@ -237,3 +237,18 @@ def test_a_folder_run_saves_its_classes_beside_the_flags_and_old_checkpoints_sti
     del old["folder_classes"]
     torch.save(old, tmp_path / "old.pt")
     assert evaluation.model_from_checkpoint(str(tmp_path / "old.pt"), "cpu")[2].names == space.names
+
+
+def test_evaluate_takes_the_test_time_prediction_from_the_checkpoint_s_method():
+    import evaluate
+    from uda import plca
+    flags_of = lambda mode, slide=None: argparse.Namespace(tta_aggregate=mode, slide=slide)
+    saved = lambda method: argparse.Namespace(method=method)
+    assert evaluate.test_time_predict_of(flags_of("auto"), saved("plca")) is plca.test_time_predict
+    assert evaluate.test_time_predict_of(flags_of("auto"), saved("fada")) is None
+    assert evaluate.test_time_predict_of(flags_of("off"), saved("plca")) is None
+    with pytest.raises(common.UserError, match="--tta-aggregate on: .*fada.* has no test-time prediction"):
+        evaluate.test_time_predict_of(flags_of("on"), saved("fada"))
+    with pytest.raises(common.UserError, match="--slide"):
+        evaluate.test_time_predict_of(flags_of("auto", slide=(64, 64)), saved("plca"))
+    assert evaluate.test_time_predict_of(flags_of("off", slide=(64, 64)), saved("plca")) is None
