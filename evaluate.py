@@ -17,8 +17,11 @@ Test-time protocols: --scales multiplies the input size (each scale one view), -
 views; softmax probabilities of all views are averaged at the label resolution. --slide WxH predicts
 windows of the (scaled) input with --slide-stride steps (mmsegmentation's slide mode: the last window
 is shifted back to the border, a window larger than the image is clipped to it, overlapping logits are
-averaged). PLCA's test-time aggregation (--tta-aggregate) combines with --scales and --flip (each view
-aggregated on its own), not with --slide. The header line and --json record the protocol.
+averaged). A method's own test-time prediction (PLCA's test-time aggregation, --tta-aggregate) combines
+with --scales and --flip (each view predicted on its own), not with --slide; a method whose official
+code resizes logits to the input size before the label size (DAFormer, DIDA: mmseg) is evaluated so.
+Both come from the checkpoint's method module (uda/source_only.py's contract), never from its name.
+The header line and --json record the protocol.
 
 Folder inference (--images DIR --save-pred OUT): every .png/.jpg/.jpeg under DIR (sub-folders too,
 symlinked ones followed once each, sorted; hidden files such as macOS ._photo.jpg skipped and counted)
@@ -68,6 +71,7 @@ from PIL import Image
 from uda import common, datasets, pseudo_labels, toy
 from uda import evaluation
 from uda.common import UserError
+from uda.methods import METHODS
 from uda.evaluation import evaluate, format_table, model_from_checkpoint, predict_probs, progress, summarize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # --images: matched case-insensitively
@@ -143,9 +147,9 @@ def build_parser():
     group.add_argument("--slide-stride", type=size_arg, default=None, metavar="WxH",
                        help="step of the --slide windows, at most the window (default: the window, no overlap)")
     group.add_argument("--tta-aggregate", choices=["auto", "on", "off"], default="auto",
-                       help="PLCA test-time aggregation of features and probabilities before the argmax "
-                            "(uda/plca.py); auto = on for checkpoints trained with --method plca, as in the "
-                            "official test configs")
+                       help="the method's own test-time prediction (PLCA: aggregation of features and "
+                            "probabilities before the argmax, uda/plca.py); auto = on for checkpoints of a "
+                            "method that has one, as in PLCA's official test configs")
     pseudo_labels.add_arguments(p)
     return p
 
@@ -277,12 +281,12 @@ def resolve_input_size(args, dataset_name):
     return args.input_size or datasets.default_eval_size(dataset_name)
 
 
-def protocol_record(args, input_size, aggregate, align_corners):
+def protocol_record(args, input_size, aggregate, align_corners, resize_via_input=False):
     return {"scales": list(args.scales), "flip": args.flip,
             "slide": list(args.slide) if args.slide else None,
             "slide_stride": list(args.slide_stride or args.slide) if args.slide else None,
             "input_size": f"{input_size[0]}x{input_size[1]}" if input_size else "native",
-            "align_corners": align_corners, "tta_aggregate": aggregate}
+            "align_corners": align_corners, "tta_aggregate": aggregate, "resize_via_input": resize_via_input}
 
 
 def describe_protocol(protocol, tta_flag):
@@ -290,15 +294,33 @@ def describe_protocol(protocol, tta_flag):
         "{}x{} stride {}x{}".format(*protocol["slide"], *protocol["slide_stride"])
     return (f"input {protocol['input_size']}, scales {' '.join(str(s) for s in protocol['scales'])}, "
             f"flip {'on' if protocol['flip'] else 'off'}, slide {slide}, align_corners {protocol['align_corners']}, "
-            f"test-time aggregation {'on' if protocol['tta_aggregate'] else 'off'} ({tta_flag})")
+            f"test-time aggregation {'on' if protocol['tta_aggregate'] else 'off'} ({tta_flag})"
+            + (", logits resized to the input size, then the labels'" if protocol["resize_via_input"] else ""))
 
 
-def aggregate_of(args, saved):
-    aggregate = args.tta_aggregate == "on" or (args.tta_aggregate == "auto" and getattr(saved, "method", None) == "plca")
-    if aggregate and args.slide:
-        raise UserError(f"--slide: PLCA's test-time aggregation (--tta-aggregate {args.tta_aggregate}) runs over the "
-                        f"whole image, not a window; pass --tta-aggregate off to slide")
-    return aggregate
+def method_module(saved):
+    """The module of the checkpoint's method (None: a method this copy of the code does not have)."""
+    return METHODS.get(getattr(saved, "method", None))
+
+
+def test_time_predict_of(args, saved):
+    """The checkpoint's method's own test-time prediction (its module's `test_time_predict`), or None:
+    --tta-aggregate auto and on use it, off (and a method without one under auto) predicts plainly."""
+    predict = getattr(method_module(saved), "test_time_predict", None)
+    if args.tta_aggregate == "on" and predict is None:
+        raise UserError(f"--tta-aggregate on: the checkpoint's method ({getattr(saved, 'method', None)}) has no "
+                        f"test-time prediction of its own (use --tta-aggregate auto or off)")
+    if args.tta_aggregate == "off":
+        return None
+    if predict is not None and args.slide:
+        raise UserError(f"--slide: the test-time prediction of {saved.method} (--tta-aggregate {args.tta_aggregate}) "
+                        f"runs over the whole image, not a window; pass --tta-aggregate off to slide")
+    return predict
+
+
+def resize_via_input_of(saved):
+    """Whether the checkpoint's method evaluates as mmseg does: logits to the input size, then the labels'."""
+    return getattr(method_module(saved), "RESIZE_VIA_INPUT", False)
 
 
 def write_json(path, record):
@@ -533,42 +555,47 @@ def block_rows(num_classes, batch, width):
     return max(BLOCK_ROW_MULTIPLE, rows - rows % BLOCK_ROW_MULTIPLE)
 
 
-def view_logits(model, images, input_size, autocast, align_corners, scales, flip, slide, slide_stride):
-    """The views of evaluation.predict_probs before their upsampling to the image size:
-    [(fp32 logits (B, C, h, w) of the view, mirrored)], made as predict_probs makes them."""
+def view_logits(model, images, input_size, autocast, protocol):
+    """The views of evaluation.predict_probs before their last upsampling to the image size:
+    [(fp32 logits (B, C, h, w) of the view, mirrored)], made as predict_probs makes them (a method
+    that resizes via the input, RESIZE_VIA_INPUT, has its logits at the view's input size here)."""
     base = input_size or (images.shape[-1], images.shape[-2])
+    align_corners, slide = protocol["align_corners"], protocol["slide"]
     views = []
-    for scale in scales:
+    for scale in protocol["scales"]:
         resized = evaluation.resize_images(images, evaluation.scaled_size(base, scale))   # (B, 3, s h, s w)
-        for mirrored in ((False, True) if flip else (False,)):
+        for mirrored in ((False, True) if protocol["flip"] else (False,)):
             view = resized.flip(-1) if mirrored else resized
             if slide is not None:
-                logits = evaluation.slide_logits(model, view, slide, slide_stride or slide, autocast,
+                logits = evaluation.slide_logits(model, view, slide, protocol["slide_stride"] or slide, autocast,
                                                  align_corners)                           # (B, C, s h, s w)
             else:
                 with autocast():
                     _, logits = model(view)                                               # (B, C, h/s, w/s)
+                if protocol["resize_via_input"]:  # mmseg's first resize, as evaluation.view_probs
+                    logits = common.upsample(logits.float(), view.shape[-2:], align_corners)  # (B, C, s h, s w)
             views.append((logits.float(), mirrored))
     return views
 
 
 @torch.no_grad()
-def predict_labels(model, images, args, input_size, aggregate, align_corners, device):
+def predict_labels(model, images, args, input_size, test_time_predict, protocol, device):
     """Class indices (B, H, W) uint8 of images (B, 3, H, W) in [0, 1]: predict_probs(...).argmax(1) of
     this run's protocol, at a fraction of its memory.
 
     predict_probs holds the full-size probabilities of every view; here each view's logits stay at the
     network's resolution, and the softmax of their upsampling, the average over the views and the
-    argmax are taken a block of rows at a time (upsample_rows). PLCA's aggregation keeps predict_probs'
-    whole-image path (its probabilities come from plca.aggregate_predict).
+    argmax are taken a block of rows at a time (upsample_rows). A method's own test-time prediction
+    (test_time_predict, PLCA's aggregation) keeps predict_probs' whole-image path.
     """
     autocast = functools.partial(common.autocast, device, args.amp)  # a fresh context per forward
     batch, _, height, width = images.shape
-    if aggregate:
-        return predict_probs(model, images, (height, width), input_size, autocast, aggregate, align_corners,
-                             args.scales, args.flip, args.slide, args.slide_stride).argmax(1).to(torch.uint8)
-    views = view_logits(model, images, input_size, autocast, align_corners, args.scales, args.flip, args.slide,
-                        args.slide_stride)
+    align_corners = protocol["align_corners"]
+    if test_time_predict is not None:
+        return predict_probs(model, images, (height, width), input_size, autocast, test_time_predict, align_corners,
+                             args.scales, args.flip, args.slide, args.slide_stride,
+                             protocol["resize_via_input"]).argmax(1).to(torch.uint8)
+    views = view_logits(model, images, input_size, autocast, protocol)
     taps = [linear_taps(logits.shape[-2], height, align_corners) for logits, _ in views]
     labels = torch.empty(batch, height, width, dtype=torch.uint8, device=images.device)
     step = block_rows(views[0][0].shape[1], batch, width)
@@ -614,8 +641,9 @@ def predict_folder(args, model, saved, space, device):
     check_outputs(args, [("--images", args.images)])
     check_name_lengths(args.images, names, stems, args.save_pred)
     input_size = resolve_input_size(args, getattr(saved, "target", None))
-    aggregate = aggregate_of(args, saved)
-    protocol = protocol_record(args, input_size, aggregate, bool(getattr(saved, "align_corners", False)))
+    test_time_predict = test_time_predict_of(args, saved)
+    protocol = protocol_record(args, input_size, test_time_predict is not None,
+                               bool(getattr(saved, "align_corners", False)), resize_via_input_of(saved))
     barrier()
     check_writable(args.save_pred)
     if common.is_main_process():
@@ -632,7 +660,7 @@ def predict_folder(args, model, saved, space, device):
     for items in loader:
         for group in same_size_groups(items):
             images = torch.stack([item["image"] for item in group]).to(device).float().div_(255.0)  # (B, 3, H, W)
-            labels = predict_labels(model, images, args, input_size, aggregate, protocol["align_corners"], device)
+            labels = predict_labels(model, images, args, input_size, test_time_predict, protocol, device)
             del images
             for item, pred in zip(group, labels.cpu().numpy()):
                 save_folder_prediction(os.path.join(args.save_pred, stems[item["index"]]), pred, item["image"],
@@ -650,9 +678,10 @@ def evaluate_split(args, model, saved, space, target, device):
     root = target_root(args, saved, space, target, args.split)
     check_outputs(args, [("the dataset folder", root)])
     input_size = resolve_input_size(args, target)
-    aggregate = aggregate_of(args, saved)
+    test_time_predict = test_time_predict_of(args, saved)
     align_corners = bool(getattr(saved, "align_corners", False))  # old checkpoints: the former default
-    protocol = protocol_record(args, input_size, aggregate, align_corners)
+    protocol = protocol_record(args, input_size, test_time_predict is not None, align_corners,
+                               resize_via_input_of(saved))
     dataset = datasets.build_dataset(target, args.split, space, root=root, labeled=True)
     barrier()
     on_prediction = prediction_saver(args.save_pred, dataset, space) if args.save_pred else None
@@ -661,9 +690,9 @@ def evaluate_split(args, model, saved, space, target, device):
                  f"{describe_protocol(protocol, args.tta_aggregate)})")
     confusion = evaluate(model, dataset, space, device, lambda: common.autocast(device, args.amp),
                          input_size=input_size, batch_size=args.batch_size, workers=args.workers,
-                         on_prediction=on_prediction, aggregate=aggregate, align_corners=align_corners,
-                         scales=args.scales, flip=args.flip, slide=args.slide, slide_stride=args.slide_stride,
-                         log=log_line)
+                         on_prediction=on_prediction, test_time_predict=test_time_predict,
+                         align_corners=align_corners, scales=args.scales, flip=args.flip, slide=args.slide,
+                         slide_stride=args.slide_stride, log=log_line, resize_via_input=protocol["resize_via_input"])
     scores, per_class = summarize(confusion, space)
     if common.is_main_process():
         print(format_table(scores, per_class), flush=True)
@@ -672,7 +701,7 @@ def evaluate_split(args, model, saved, space, target, device):
             write_json(args.json, {"miou": scores[headline], "classes": len(space.eval_sets[headline]),
                                    "per_class": per_class, "scores": scores, "target": target, "split": args.split,
                                    "images": len(dataset), "input_size": protocol["input_size"], "ckpt": args.ckpt,
-                                   "tta_aggregate": aggregate, "protocol": protocol})
+                                   "tta_aggregate": protocol["tta_aggregate"], "protocol": protocol})
 
 
 def label_target(args, model, saved, space, target, device):

@@ -3,17 +3,17 @@
     python train.py --method source_only --source toy-synth --out runs/toy-src
     torchrun --nproc_per_node=8 train.py --method fada --source gta5 --data-root /data --out runs/fada
 
-One plain loop. This file owns argparse, seeding, the process group (from the torchrun environment),
+One plain loop. This file owns seeding, the process group (from the torchrun environment),
 data loaders, the LR schedule, mixed precision, logging, periodic evaluation and checkpoints. A method
 file (uda/<method>.py) owns its extra modules, optimizers, losses and the order of backward/step inside
 one iteration (`train_step`); the contract between the two is written once, in uda/source_only.py.
 
-Flags are parsed in two stages: --method first, then the common flags together with the chosen
-method's own. The method's RECIPE (its paper's values of common flags: LR, schedule, batch, crop, ...)
-becomes the parser's defaults in one place (`build_parser`), so `--method X --help` shows them, a flag
-given on the command line wins, and every run prints the effective recipe and what was overridden.
+The flags live in uda/flags.py (the tools parse them there too): the common flags, the chosen method's
+own, and the method's RECIPE (its paper's values of common flags: LR, schedule, batch, crop, ...) as the
+parser's defaults where they apply, so `--method X --help` shows them, a flag given on the command line
+wins, and every run prints the effective recipe and what was overridden.
 """
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,167 +23,9 @@ import sys
 import time
 import torch
 
-from uda import common, datasets, evaluation, models, samplers, toy
+from uda import common, datasets, evaluation, flags, models, samplers
 from uda.common import UserError
 from uda.methods import METHODS
-
-
-# --------------------------------------------------------------------------------------------------
-# Flags
-# --------------------------------------------------------------------------------------------------
-def add_common_arguments(p):
-    p.add_argument("--method", default="source_only", choices=list(METHODS), help="training method")
-    p.add_argument("--source", default="toy-synth", choices=datasets.DATASET_NAMES, help="labelled source dataset")
-    p.add_argument("--target", default=None, choices=datasets.DATASET_NAMES,
-                   help="unlabelled target dataset (default: cityscapes for gta5/synthia, toy-real for toy-synth)")
-    p.add_argument("--data-root", default=None, help="folder holding one sub-folder per dataset (DIR/gta5, ...)")
-    p.add_argument("--backbone", default=None, choices=list(models.BACKBONES),
-                   help="network (default: tiny for the toy datasets, deeplabv2-r101 otherwise)")
-    p.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute backbone activations in the backward pass (less memory, ~1 extra forward)")
-    p.add_argument("--pretrained", default=None, metavar="FILE", help="initial weights, loaded by key name")
-    p.add_argument("--bn", choices=list(models.BN_MODES), default="auto",
-               help="BatchNorm: frozen (fixed statistics and affine), train (SyncBN under DDP on GPU), "
-                    "auto = frozen for deeplabv2-*, train for tiny and mit-*")
-    p.add_argument("--iters", type=common.positive_int, default=2000, help="length of the poly LR schedule (MAX_ITER)")
-    p.add_argument("--stop-iter", type=common.positive_int, default=None,
-                   help="stop training at this iteration although the schedule runs to --iters "
-                        "(the FADA/ADVENT convention; default: --iters)")
-    p.add_argument("--batch-size", type=common.positive_int, default=4, help="images per domain per process")
-    p.add_argument("--lr", type=common.positive_float, default=2.5e-4, help="backbone learning rate (the head's is x --head-lr-mult)")
-    p.add_argument("--crop", default=None,
-                   help="training crop WxH (default: the toy's 128x64; the papers' sizes for real data)")
-    p.add_argument("--head-lr-mult", type=common.positive_float, default=10.0, help="LR multiplier of the classifier head")
-    p.add_argument("--momentum", type=common.nonnegative_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=common.nonnegative_float, default=5e-4, help="weight decay")
-    p.add_argument("--poly-power", type=common.nonnegative_float, default=0.9, help="power of the poly LR decay")
-    p.add_argument("--warmup-iters", type=common.nonnegative_int, default=0, help="linear LR warmup length (DAFormer: 1500)")
-    p.add_argument("--lovasz-weight", type=common.nonnegative_float, default=0.0,
-                   help="weight of the Lovasz-softmax term added to the source CE (0 = CE only)")
-    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=False,
-                   help="align_corners of the bilinear logit upsampling in losses, pseudo-labels and evaluation "
-                        "(the method's official code decides; saved in the checkpoint, used by evaluate.py)")
-    p.add_argument("--amp", choices=list(common.AMP_DTYPES), default="off",
-                   help="autocast dtype: off (fp32), bf16, or fp16 (with a GradScaler)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
-    p.add_argument("--out", required=True, help="output folder for last.pt and metrics.jsonl")
-    p.add_argument("--resume", default=None, metavar="FILE",
-                   help="continue exactly from this checkpoint; 'auto': from OUT/last.pt when it exists, else "
-                        "start fresh (a preemptible job can be resubmitted unchanged)")
-    p.add_argument("--eval-every", type=common.nonnegative_int, default=1000,
-                   help="evaluate on the target val split and save OUT/last.pt every N iterations (0: at the end only)")
-    p.add_argument("--no-eval", action="store_true",
-                   help="save checkpoints on the --eval-every schedule but never evaluate (evaluate.py runs later)")
-    p.add_argument("--log-every", type=common.positive_int, default=50, help="print and log losses every N iterations")
-    p.add_argument("--workers", type=common.nonnegative_int, default=2, help="data loader worker processes per domain")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)")
-    # data (uda/datasets.py, uda/samplers.py)
-    p.add_argument("--source-root", default=None, metavar="DIR", help="the source dataset's folder (default: DATA_ROOT/<source>)")
-    p.add_argument("--target-root", default=None, metavar="DIR", help="the target dataset's folder (default: DATA_ROOT/<target>)")
-    p.add_argument("--synthia-classes", type=int, choices=[16, 19], default=16,
-                   help="SYNTHIA label space: 16 classes (FADA/SDCA) or 19 trainIds (DAFormer/DIDA); mIoU16 and mIoU13 either way")
-    p.add_argument("--source-size", default=None,
-                   help="training resize WxH of source images before the crop, or 'native' (default: GTA5 1280x720, "
-                        "SYNTHIA 1280x760, Cityscapes 1024x512; native with --pseudo-dir)")
-    p.add_argument("--target-size", default=None, help="training resize WxH of target images (default: Cityscapes 1024x512)")
-    p.add_argument("--random-scale", type=common.positive_float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="real datasets: multiply the --source-size/--target-size resize by s ~ U(MIN, MAX) before the "
-                        "crop, both domains (PLCA: short side 760-988 = --random-scale 1.0 1.3 on a 760 short side)")
-    p.add_argument("--cat-max-ratio", type=common.positive_float, default=1.0,
-                   help="re-draw a source crop (up to 10 times) while one class covers this share of it (DAFormer: 0.75; 1: off)")
-    p.add_argument("--source-sampler", choices=["uniform", "class-balanced", "rcs"], default="uniform",
-                   help="source images: uniform, class-balanced (FADA/SDCA) or rcs (DAFormer rare class sampling)")
-    p.add_argument("--rcs-temperature", type=common.positive_float, default=0.01, help="RCS: P(c) = softmax((1 - f_c) / T) (DAFormer 0.01)")
-    p.add_argument("--rcs-min-pixels", type=common.nonnegative_int, default=3000, help="RCS: images with more pixels of c than this (DAFormer 3000)")
-    p.add_argument("--rcs-min-crop-ratio", type=common.nonnegative_float, default=0.5,
-                   help="RCS: re-crop until the crop holds more than ratio x min-pixels of c (DAFormer 0.5)")
-    p.add_argument("--stats-cache", default=None, metavar="FILE",
-                   help="per-image class statistics for the samplers (default: OUT/../class_stats_<source>_<key>.json)")
-    p.add_argument("--source-list", default=None, metavar="FILE",
-                   help="train on the listed source items only (one relative path per line, as data_lists/)")
-    p.add_argument("--target-list", default=None, metavar="FILE",
-                   help="train on the listed target items only (one relative path per line, as data_lists/)")
-    p.add_argument("--pseudo-dir", default=None, metavar="DIR",
-                   help="train on pseudo-labels: DIR/<item>.png replace the source train labels (evaluate.py --save-pseudo)")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's (effective) default after its help."""
-
-
-# Recipe values that describe the papers' real datasets and networks (sizes, backbone, its BN mode):
-# the built-in toy has its own sizes and tiny network, so there they apply only when given explicitly.
-REAL_DATA_KEYS = ("backbone", "bn", "crop", "source_size", "target_size", "random_scale")
-_UNSET = object()
-
-
-def build_parser(method):
-    """The full parser of a run with --method `method`: common flags, the method's flags, its RECIPE."""
-    p = common.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_arguments(p)
-    module = METHODS[method]
-    module.add_arguments(p)
-    unknown = set(module.RECIPE) - set(vars(p.parse_args(["--out", "-"])))
-    assert not unknown, f"uda/{method}.py RECIPE names no flag: {sorted(unknown)}"
-    p.set_defaults(**module.RECIPE)  # the one place a method's recipe enters the run
-    return p
-
-
-def parse_args(argv=None):
-    """Two stages: --method decides which method flags exist, then everything is parsed together.
-
-    Returns the args with two extra attributes: `recipe` (the method's RECIPE as it applies to this
-    run) and `overridden` (the names of recipe flags given on the command line).
-    """
-    first = common.ArgumentParser(add_help=False)
-    first.add_argument("--method", default="source_only")
-    known, _ = first.parse_known_args(argv)
-    if known.method not in METHODS:
-        raise UserError(f"--method {known.method!r}: unknown (expected one of {', '.join(METHODS)})")
-    args = build_parser(known.method).parse_args(argv)
-    explicit = explicit_flags(known.method, argv)
-    recipe = dict(METHODS[known.method].RECIPE)
-    if args.source in toy.DOMAINS:
-        for key in REAL_DATA_KEYS:
-            if key in recipe and key not in explicit:
-                setattr(args, key, common_defaults()[key])
-                recipe.pop(key)
-    if "iters" in explicit and "stop_iter" not in explicit and "stop_iter" in recipe:
-        # a shorter --iters is a shorter schedule: stop at its end unless --stop-iter says otherwise
-        args.stop_iter = None
-        recipe.pop("stop_iter")
-    args.recipe = recipe
-    args.overridden = sorted(k for k in recipe if k in explicit)
-    args.target = args.target or datasets.default_target(args.source)
-    args.backbone = args.backbone or ("tiny" if args.source in toy.DOMAINS else "deeplabv2-r101")
-    args.stop_iter = args.stop_iter or args.iters
-    if args.stop_iter > args.iters:
-        raise UserError(f"--stop-iter {args.stop_iter}: must not exceed --iters {args.iters}")
-    return args
-
-
-def common_defaults():
-    """The common flags' own defaults, before any recipe."""
-    p = common.ArgumentParser()
-    add_common_arguments(p)
-    return vars(p.parse_args(["--out", "-"]))
-
-
-def explicit_flags(method, argv):
-    """Names of the flags given on the command line: parse again with every default set to a marker."""
-    p = build_parser(method)
-    p.set_defaults(**{name: _UNSET for name in vars(p.parse_args(["--out", "-"]))})
-    return {name for name, value in vars(p.parse_args(argv)).items() if value is not _UNSET}
-
-
-def describe_recipe(args):
-    """One line: the method's recipe as this run uses it, and what the command line changed."""
-    values = ", ".join(f"{k} {getattr(args, k)}" for k in args.recipe) or "the common defaults"
-    line = f"recipe of {args.method}: {values}"
-    if args.overridden:
-        line += "; overridden on the command line: " + ", ".join(
-            f"{k} {getattr(args, k)} (recipe {args.recipe[k]})" for k in args.overridden)
-    return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,12 +120,14 @@ def sync_buffers(model):
 ARCHITECTURE_KEYS = ("method", "backbone", "bn", "source", "synthia_classes")
 # flags that may differ between a run and its resumption (where to write, how long, how often to log)
 RUN_KEYS = {"resume", "out", "stop_iter", "eval_every", "no_eval", "log_every", "workers", "device", "data_root",
-            "source_root", "target_root", "stats_cache", "recipe", "overridden", "folder_classes"}
+            "source_root", "target_root", "stats_cache"}
 
 
-def save_checkpoint(path, model, method, scaler, iteration, args):
+def save_checkpoint(path, model, method, scaler, iteration, args, run):
+    """folder_classes: a folder source's classes.json, so the checkpoint is readable without its dataset."""
     common.atomic_save({"model": model.state_dict(), "method": method.state_dict(), "scaler": scaler.state_dict(),
-                        "iter": iteration, "args": vars(args), "rng": common.rng_state()}, path)
+                        "iter": iteration, "args": vars(args), "folder_classes": run.folder_classes,
+                        "rng": common.rng_state()}, path)
 
 
 def resolve_resume(args):
@@ -415,6 +259,8 @@ def run_evaluation(model, val, space, env, args, iteration, log, last_path):
         confusion = evaluation.evaluate(model, val, space, env.device, env.autocast,
                                         input_size=datasets.default_eval_size(args.target),
                                         align_corners=args.align_corners,
+                                        # as the method's official code evaluates (uda/evaluation.py)
+                                        resize_via_input=getattr(METHODS[args.method], "RESIZE_VIA_INPUT", False),
                                         log=lambda text: print(f"eval iter {iteration}: {text}", flush=True))
     except UserError as err:
         raise UserError(f"{common.one_line(err)} (evaluation at iteration {iteration}; training so far is "
@@ -467,11 +313,11 @@ def resume_command(args):
     return shlex.join(launcher + [sys.argv[0], *argv, "--resume", os.path.join(args.out, "last.pt")])
 
 
-def save_and_exit(signum, done, model, method, env, args, last_path):
+def save_and_exit(signum, done, model, method, env, args, run, last_path):
     """After SIGINT / SIGTERM: save iteration `done` atomically, say how to resume, exit 128 + signum."""
     sync_buffers(model)
     if common.is_main_process():
-        save_checkpoint(last_path, model, method, env.scaler, done, args)
+        save_checkpoint(last_path, model, method, env.scaler, done, args, run)
         print(f"interrupted at iteration {done}; resume with: {resume_command(args)}", flush=True)
     common.cleanup_distributed()
     sys.exit(128 + signum)
@@ -508,7 +354,7 @@ def train_step(method, source, target, it, args):
 # The loop
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = parse_args(argv)
+    args, run = flags.parse(argv, description=__doc__)
     device = common.setup_distributed(args.device)
     resume_path = resolve_resume(args)
     prepare_out_dir(args, resume_path)
@@ -518,8 +364,8 @@ def main(argv=None):
     common.seed_everything(args.seed)
 
     if args.source == "folder":  # saved with the run: a checkpoint is then readable without its dataset
-        args.folder_classes = datasets.read_folder_classes(datasets.dataset_root("folder", args.data_root,
-                                                                                 args.source_root))
+        run = dataclasses.replace(run, folder_classes=datasets.read_folder_classes(
+            datasets.dataset_root("folder", args.data_root, args.source_root)))
     space = datasets.label_space(args.source, args)
     datasets.check_same_classes(space, args.target, datasets.dataset_root(args.target, args.data_root,
                                                                          args.target_root))
@@ -532,7 +378,7 @@ def main(argv=None):
         restore(ckpt, resume_path, args, model, method, env.scaler)
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume_iter=start_iter)
     if common.is_main_process():
-        print(describe_recipe(args), flush=True)
+        print(flags.describe_recipe(args, run), flush=True)
         print(f"{args.method}: {args.source} -> {args.target}, {args.backbone}, iterations {start_iter}.."
               f"{args.stop_iter} of a {args.iters}-iteration schedule, {common.world_size()} process(es) on "
               f"{device}, amp {args.amp}" + (f", resumed from {resume_path}" if ckpt else ""), flush=True)
@@ -554,7 +400,7 @@ def main(argv=None):
                 raise
             # the signal reached the loader workers too (a scheduler signalling every process of the job):
             # iteration `it` is complete, so save it and stop as if the signal had come a moment later
-            save_and_exit(stop.signum, it, model, method, env, args, last_path)
+            save_and_exit(stop.signum, it, model, method, env, args, run, last_path)
         losses = reduce_losses(train_step(method, source, target, it, args))
         env.scaler.update()
         check_finite(losses, it + 1, args.out)
@@ -574,10 +420,10 @@ def main(argv=None):
         if signum or (args.eval_every and done % args.eval_every == 0) or done == args.stop_iter:
             # the checkpoint comes first: nothing after it (evaluation, a signal) can lose training
             if signum:
-                save_and_exit(signum, done, model, method, env, args, last_path)
+                save_and_exit(signum, done, model, method, env, args, run, last_path)
             sync_buffers(model)
             if common.is_main_process():
-                save_checkpoint(last_path, model, method, env.scaler, done, args)
+                save_checkpoint(last_path, model, method, env.scaler, done, args, run)
             if val is not None:
                 run_evaluation(model, val, space, env, args, done, log, last_path)
             tic, tic_iter = time.time(), done  # evaluation time is not training speed

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import train
 from conftest import REPO
 
-from uda import fada, plca
+from uda import daformer, fada, flags, plca
 from uda.bench import toy
 
 
@@ -56,11 +55,11 @@ def test_tiny_run_writes_results_json_and_table(tmp_path):
     # warm-up, evaluated without test-time aggregation; not a row of its own
     control_dir = out / "runs" / "s0" / "plca-control"
     control = results["methods"]["plca"]["control"]
-    assert control["flags"] == toy.CONTROLS["plca"] and control["seeds"] == [0]
+    assert control["flags"] == plca.CONTROL_FLAGS and control["seeds"] == [0]
     control_eval = json.loads((control_dir / "eval.json").read_text())
     assert control["miou"] == [control_eval["miou"]] and control_eval["tta_aggregate"] is False
     first = (control_dir / "train.log").read_text().splitlines()[0]
-    assert f"--pretrained {warm}" in first and " ".join(toy.CONTROLS["plca"]) in first and "--seed 0" in first
+    assert f"--pretrained {warm}" in first and " ".join(plca.CONTROL_FLAGS) in first and "--seed 0" in first
     source_miou = results["methods"]["source_only"]["miou"][0]
     for name in ("plca", no_tta):  # paired per seed; recipe + idea = the row's gain
         entry = results["methods"][name]
@@ -106,10 +105,10 @@ def test_pipeline_commands():
 
 
 def test_controls_are_planned_with_their_flags():
-    """Every method has a control: its own training command (same warm-up, seed, toy flags) plus the
-    flags of CONTROLS, which train.py parses to weights 0; SDCA's control skips the init pass, PLCA's
-    is evaluated without aggregation. --controls off plans none."""
-    assert set(toy.CONTROLS) == set(toy.method_names())
+    """Every method has a control: its own training command (same warm-up, seed, toy flags) plus its
+    module's CONTROL_FLAGS, which train.py parses to weights 0; SDCA's control skips the init pass, PLCA's
+    is evaluated without aggregation (CONTROL_EVALUATE_FLAGS). --controls off plans none."""
+    assert toy.controlled(toy.method_names()) == toy.method_names()
     args = toy.parse_args(["--out", "/tmp/unused", "--seeds", "2", "--iters", "100", "--warmup-iters", "200",
                            "--controls", "on"])
     tasks = {t.key: t for t in toy.build_tasks(args, args.methods)}
@@ -118,7 +117,7 @@ def test_controls_are_planned_with_their_flags():
             own, control = tasks[f"s{seed}/{method}"], tasks[f"s{seed}/{method}-control"]
             own_cmd, control_cmd = own.commands[own.train_index], control.commands[control.train_index]
             assert control.deps == [f"s{seed}/warmup"] and control.evals == [(f"{method}-control", "eval.json")]
-            expected = own_cmd + toy.CONTROLS[method]
+            expected = own_cmd + toy.control_flags(method)
             if method == "sdca":  # its init statistics feed only the contrastive terms
                 at = expected.index("--sdca-init-stats")
                 expected = expected[:at] + expected[at + 2:]
@@ -129,10 +128,12 @@ def test_controls_are_planned_with_their_flags():
             assert control_cmd == expected, method
             evaluation = control.commands[-1]
             assert evaluation[1].endswith("evaluate.py")
-            assert evaluation[evaluation.index("--json") + 2:] == toy.CONTROL_EVAL_FLAGS.get(method, [])
-    for method, flags in toy.CONTROLS.items():  # every flag exists and turns its term off
-        parsed = vars(train.parse_args(["--method", method, "--out", "/tmp/unused", *flags]))
-        for name, value in zip(flags[::2], flags[1::2]):
+            evaluate_flags = getattr(toy.METHODS[method], "CONTROL_EVALUATE_FLAGS", [])
+            assert evaluation[evaluation.index("--json") + 2:] == evaluate_flags
+    for method in toy.method_names():  # every flag exists and turns its term off
+        off = toy.control_flags(method)
+        parsed = vars(flags.parse_args(["--method", method, "--out", "/tmp/unused", *off]))
+        for name, value in zip(off[::2], off[1::2]):
             assert parsed[name[2:].replace("-", "_")] == (value if value == "clean" else float(value)), name
     off = toy.parse_args(["--out", "/tmp/unused"])  # the default
     assert off.controls == "off" and not [t for t in toy.build_tasks(off, off.methods) if t.key.endswith("-control")]
@@ -157,16 +158,20 @@ def test_backbone_reaches_every_run_and_mit_turns_plca_aggregation_off():
     assert "--tta-aggregate" not in plca_task.commands[1] and plca_task.commands[2][-2:] == ["--tta-aggregate", "off"]
 
 
-def test_recipe_values_new_to_the_toy_are_pinned(monkeypatch):
-    """A RECIPE's sampler, momentum ... fall back to train.py's defaults on the toy; align_corners,
-    lovasz_weight and what a method set before RECIPEs existed (PLCA: head x1) stay; BN is train.py's."""
+def test_the_toy_keeps_a_recipe_and_scales_only_its_real_data_constants(monkeypatch):
+    """The toy keeps every RECIPE value (a new method's included) but the real-data ones uda/flags.py
+    drops: the DeepLab-v2 LR becomes --lr, an LR warm-up and RCS's pixel threshold are scaled to the toy,
+    and a method's TOY_FLAGS (FADA: uniform sampling) are added; momentum, sampler, head LR stay."""
     monkeypatch.setattr(fada, "RECIPE", {"lr": 2.5e-4, "source_sampler": "class-balanced", "bn": "frozen",
                                          "momentum": 0.5, "align_corners": True, "stop_iter": 40000})
     monkeypatch.setattr(plca, "RECIPE", {"head_lr_mult": 1.0, "bn": "train", "lovasz_weight": 1.5,
                                          "source_sampler": "class-balanced"})
-    args = toy.parse_args(["--out", "/x", "--methods", "fada,plca", "--lr", "0.02"])
-    assert toy.toy_flags("fada", args) == ["--lr", "0.02", "--source-sampler", "uniform", "--momentum", "0.9"]
-    assert toy.toy_flags("plca", args) == ["--lr", "0.02", "--source-sampler", "uniform"]
+    monkeypatch.setattr(daformer, "RECIPE", {"lr": 6e-5, "warmup_iters": 1000, "iters": 8000, "source_sampler": "rcs"})
+    args = toy.parse_args(["--out", "/x", "--methods", "fada,plca,daformer", "--lr", "0.02", "--iters", "400"])
+    assert toy.toy_flags("fada", args) == ["--lr", "0.02", "--source-sampler", "uniform"]
+    assert toy.toy_flags("plca", args) == ["--lr", "0.02"]
+    assert toy.toy_flags("daformer", args) == ["--warmup-iters", "50",  # 1000 / 8000 of 400
+                                               "--rcs-min-pixels", str(round(3000 * 256 * 128 / (1280 * 720)))]
 
 
 def record(row, miou, sec=0.1, mem=400.0):
@@ -217,7 +222,7 @@ def test_recipe_and_idea_are_paired_per_seed():
     methods = toy.summarize(tasks, ["source_only", "fada", "plca", no_tta])
     entry = methods["plca"]
     assert entry["control"]["miou"] == [23.0, 23.0] and entry["control"]["seeds"] == [0, 1]
-    assert entry["control"]["flags"] == toy.CONTROLS["plca"] and entry["control"]["errors"] == ["exit 1"]
+    assert entry["control"]["flags"] == plca.CONTROL_FLAGS and entry["control"]["errors"] == ["exit 1"]
     assert entry["paired_seeds"] == [0, 1]  # seed 2's control failed
     assert entry["idea_gain"] == [3.0, -2.0] and entry["recipe_gain"] == [3.0, 1.0]
     assert entry["idea_gain_mean"] == 0.5 and math.isclose(entry["idea_gain_std"], math.sqrt(12.5))

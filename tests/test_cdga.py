@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 
-import train
 from conftest import TOY_FAST
-from uda import cdga, common, datasets, models
+from uda import cdga, common, datasets, flags, models
 from uda.source_only import cross_entropy
 
 SMALL = ["--cdga-d-width", "8", "--cdga-group-hidden", "16"]  # cheap modules for the in-process tests
@@ -150,7 +149,7 @@ def test_discriminator_per_group_outputs(mode):
 # The method, in process
 # --------------------------------------------------------------------------------------------------
 def make_method(*extra, seed=0, amp="off"):
-    args = train.parse_args(["--method", "cdga", "--out", "unused", "--lr", "0.01", *SMALL, *extra])
+    args = flags.parse_args(["--method", "cdga", "--out", "unused", "--lr", "0.01", *SMALL, *extra])
     torch.manual_seed(seed)
     space = datasets.label_space(args.source, args)
     model = models.build_model("tiny", space.num_classes).train()
@@ -275,7 +274,7 @@ def test_group_usage_stays_spread_after_short_toy_run(run, tmp_path):
 
 
 def test_recipe_and_logged_terms():
-    args = train.parse_args(["--method", "cdga", "--source", "gta5", "--out", "unused"])
+    args = flags.parse_args(["--method", "cdga", "--source", "gta5", "--out", "unused"])
     assert (args.lr, args.head_lr_mult, args.batch_size, args.iters, args.align_corners) == (2.5e-4, 10.0, 1, 250000,
                                                                                              True)
     assert (args.backbone, args.target_size, args.lovasz_weight) == ("deeplabv2-r101-caffe", "1024x512", 0.0)

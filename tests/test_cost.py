@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 import train
-from uda import bench
+from uda import bench, flags
 from uda.bench import cost
 
 
@@ -28,26 +28,30 @@ def table_rows(stdout):
 
 
 def test_method_registry_and_defaults_are_train_py_s():
+    """The tools' defaults (flags.defaults: every common flag) are those a run parses without any flag but --out."""
     assert bench.METHODS is train.METHODS
-    parsed = vars(train.parse_args(["--method", "source_only", "--out", "unused"]))
-    assert {key: parsed[key] for key in bench.TRAIN_DEFAULTS} == dict(bench.TRAIN_DEFAULTS, stop_iter=parsed["iters"])
+    for method, source in (("source_only", "toy-synth"), ("daformer", "toy-synth"), ("daformer", "gta5"),
+                           ("fada", "gta5")):
+        parsed = vars(flags.parse_args(["--method", method, "--source", source, "--out", "unused"]))
+        ours = flags.defaults(method, source)
+        assert set(ours) == set(flags.common_defaults()) and ours == {k: parsed[k] for k in ours}, (method, source)
 
 
 @pytest.mark.parametrize("method", list(train.METHODS))
 def test_method_args_equal_train_parse_args(method):
     """Every value a method can read is the one train.py would give it: defaults, RECIPE, flags."""
     ours = vars(cost.method_args(method, batch_size=2, lovasz_weight=0.5))
-    theirs = vars(train.parse_args(["--method", method, "--out", "unused", "--batch-size", "2",
+    theirs = vars(flags.parse_args(["--method", method, "--out", "unused", "--batch-size", "2",
                                     "--lovasz-weight", "0.5"]))
     assert {key: theirs[key] for key in ours} == ours
     # the method's own flags: every one train.py has (train.py's own flags aside)
-    common = vars(train.parse_args(["--method", "source_only", "--out", "unused"]))
-    assert set(theirs) - set(common) - {"recipe", "overridden"} <= set(ours)
+    common = vars(flags.parse_args(["--method", "source_only", "--out", "unused"]))
+    assert set(theirs) - set(common) <= set(ours)
 
 
 def test_method_flags_are_parsed_with_the_method_s_types():
     ours = cost.method_args("dida", ["--dida-mode", "released"], iters=10)
-    theirs = train.parse_args(["--method", "dida", "--out", "unused", "--dida-mode", "released", "--iters", "10"])
+    theirs = flags.parse_args(["--method", "dida", "--out", "unused", "--dida-mode", "released", "--iters", "10"])
     assert ours.dida_mode == theirs.dida_mode == "released" and ours.stop_iter == theirs.stop_iter == 10
     with pytest.raises(cost.common.UserError, match="--method dida: unrecognized arguments: --nosuch"):
         cost.method_args("dida", ["--nosuch"])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import train
 from conftest import TOY_FAST, run_script
-from uda import augment, common, daformer, datasets, models, samplers
+from uda import augment, common, daformer, datasets, flags, models, samplers
 from uda.daformer import (class_mix_masks, downscale_label_ratio, ema_update, fd_mask, feature_distance, mix,
                           pseudo_labels, weighted_cross_entropy)
 
@@ -34,7 +34,7 @@ def toy_stats(tmp_path_factory):
 
 def make_method(method="daformer", extra=()):
     """The method on the tiny toy network, built as train.py builds it (parse_args, make_env)."""
-    args = train.parse_args(["--method", method, "--source", "toy-synth", "--out", "/tmp/unused", "--lr", "1e-3",
+    args = flags.parse_args(["--method", method, "--source", "toy-synth", "--out", "/tmp/unused", "--lr", "1e-3",
                              "--iters", "100", *extra])
     torch.manual_seed(0)
     space = datasets.TOY_SPACE
@@ -180,9 +180,9 @@ def test_pseudo_labels_quality_and_ignored_rows():
 
 
 def test_ignored_rows_default_to_cityscapes_rows_only_for_a_cityscapes_target():
-    toy = train.parse_args(["--method", "daformer", "--out", "/tmp/unused"])
-    real = train.parse_args(["--method", "daformer", "--source", "gta5", "--out", "/tmp/unused"])
-    given = train.parse_args(["--method", "daformer", "--source", "gta5", "--out", "/tmp/unused",
+    toy = flags.parse_args(["--method", "daformer", "--out", "/tmp/unused"])
+    real = flags.parse_args(["--method", "daformer", "--source", "gta5", "--out", "/tmp/unused"])
+    given = flags.parse_args(["--method", "daformer", "--source", "gta5", "--out", "/tmp/unused",
                               "--daformer-pseudo-ignore-top", "3", "--daformer-pseudo-ignore-bottom", "0"])
     assert daformer.ignored_rows(toy) == (0, 0)
     assert daformer.ignored_rows(real) == (15, 120)
@@ -312,18 +312,18 @@ def test_adamw_groups_and_daformer_recipe():
                                "warmup_iters": 1500, "iters": 40000, "batch_size": 2, "source_sampler": "rcs",
                                "cat_max_ratio": 0.75, "synthia_classes": 19, "crop": "512x512",
                                "backbone": "mit-b5", "align_corners": False}
-    default = train.parse_args(["--method", "daformer", "--out", "/tmp/unused"])
+    default = flags.parse_args(["--method", "daformer", "--out", "/tmp/unused"])
     assert default.lr == 6e-5 and default.head_lr_mult == 10 and default.iters == 40000
     assert default.crop is None and default.backbone == "tiny"  # real-data entries skip the toy
     assert method.ignore_top == 0 and method.ignore_bottom == 0  # toy target: no Cityscapes rows
-    real = train.parse_args(["--method", "dida", "--source", "synthia", "--out", "/tmp/unused"])
+    real = flags.parse_args(["--method", "dida", "--source", "synthia", "--out", "/tmp/unused"])
     assert (real.synthia_classes, real.cat_max_ratio, real.source_sampler) == (19, 0.75, "rcs")
     assert (real.crop, real.backbone, real.align_corners) == ("512x512", "mit-b5", False)
 
 
 def assert_never_writes_args(method):
     """Building the method and one step leave every flag as parsed (real data: DAFormer once set --crop)."""
-    args = train.parse_args(["--method", method, "--source", "gta5", "--out", "/tmp/unused", "--iters", "100",
+    args = flags.parse_args(["--method", method, "--source", "gta5", "--out", "/tmp/unused", "--iters", "100",
                              "--daformer-pseudo-ignore-top", "0", "--daformer-pseudo-ignore-bottom", "0"])
     before = copy.deepcopy(vars(args))
     torch.manual_seed(0)
@@ -346,7 +346,7 @@ def test_rcs_probabilities_against_the_formula():
     assert classes == [0, 1, 3]
     assert torch.allclose(torch.as_tensor(probs), expected, atol=1e-12)
     assert files_of[0].tolist() == [0, 2] and files_of[1].tolist() == [1] and files_of[3].tolist() == [0]
-    assert train.parse_args(["--method", "daformer", "--out", "/tmp/unused"]).source_sampler == "rcs"
+    assert flags.parse_args(["--method", "daformer", "--out", "/tmp/unused"]).source_sampler == "rcs"
 
 
 # ---------------------------------------------------------------- end to end

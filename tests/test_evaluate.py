@@ -111,7 +111,8 @@ def test_flip_averages_the_mirrored_view_and_is_mirror_symmetric():
 
 def test_plca_aggregation_combines_with_scales_and_flip():
     model, images = tiny_model(), torch.rand(1, 3, 32, 48)
-    got = ev.predict_probs(model, images, (32, 48), None, no_autocast, aggregate=True, scales=[1.0, 0.5], flip=True)
+    got = ev.predict_probs(model, images, (32, 48), None, no_autocast, plca.test_time_predict, scales=[1.0, 0.5],
+                           flip=True)
     views = []
     for size in ((48, 32), (24, 16)):
         for mirrored in (False, True):
@@ -164,7 +165,7 @@ def test_slide_over_the_whole_image_is_the_plain_prediction():
         slid = ev.predict_probs(model, images, (40, 72), None, no_autocast, align_corners=True, slide=window)
         assert torch.equal(slid, plain)
     with pytest.raises(UserError, match="--slide"):
-        ev.predict_probs(model, images, (40, 72), None, no_autocast, aggregate=True, slide=(72, 40))
+        ev.predict_probs(model, images, (40, 72), None, no_autocast, plca.test_time_predict, slide=(72, 40))
 
 
 def test_align_corners_reaches_the_upsampling_and_the_pseudo_labels(tmp_path):
@@ -285,7 +286,8 @@ def test_the_protocol_is_printed_and_recorded(tmp_path, ckpts, short_val, capsys
     assert "evaluated 2/20 images (10%)" in out and "evaluated 20/20 images (100%)" in out and "ETA" in out
     record = json.loads(plain.read_text())
     assert record["protocol"] == {"scales": [1.0], "flip": False, "slide": None, "slide_stride": None,
-                                  "input_size": "native", "align_corners": True, "tta_aggregate": False}
+                                  "input_size": "native", "align_corners": True, "tta_aggregate": False,
+                                  "resize_via_input": False}
     assert record["images"] == 20 and record["classes"] == 9
 
     evaluate.main(["--ckpt", str(ckpts["toy"]), "--json", str(multi), "--scales", "0.5", "1.0", "--slide", "128x128",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train
 from conftest import REPO, TOY_FAST, run_script
-from uda import augment, common, datasets, fada, selftrain
+from uda import augment, common, datasets, fada, flags, selftrain
 from uda.common import UserError
 
 
@@ -108,7 +108,7 @@ def test_discriminator_size_matches_official():
 # --------------------------------------------------------------------------------------------------
 def make_fada(tmp_path, *extra):
     """FADA on the toy network with trainable BN (not RECIPE's frozen BN), so BN buffers can be checked too."""
-    args = train.parse_args(["--method", "fada", "--out", str(tmp_path), "--lr", "0.01", "--bn", "train",
+    args = flags.parse_args(["--method", "fada", "--out", str(tmp_path), "--lr", "0.01", "--bn", "train",
                              "--fada-color-jitter", "0", "0", "0", "0", *extra])
     space = datasets.label_space(args.source, args)
     torch.manual_seed(0)
@@ -247,16 +247,16 @@ def test_scale_crop_flip_keeps_pairs_aligned():
 # Recipes and imports
 # --------------------------------------------------------------------------------------------------
 def test_recipes_are_the_official_values_and_apply_as_defaults():
-    args = train.parse_args(["--method", "fada", "--out", "-", "--source", "gta5"])
+    args = flags.parse_args(["--method", "fada", "--out", "-", "--source", "gta5"])
     assert (args.lr, args.head_lr_mult, args.iters, args.stop_iter, args.batch_size) == (2.5e-4, 10.0, 62500, 40000, 4)
     assert args.align_corners and args.source_sampler == "class-balanced" and args.bn == "frozen"
-    args = train.parse_args(["--method", "selftrain", "--out", "-", "--source", "cityscapes"])
+    args = flags.parse_args(["--method", "selftrain", "--out", "-", "--source", "cityscapes"])
     assert (args.lr, args.iters, args.stop_iter, args.batch_size, args.bn) == (5e-4, 31250, 20000, 8, "train")
     assert args.align_corners and args.crop == "2048x1024"
-    toy = train.parse_args(["--method", "selftrain", "--out", "-"])
-    assert toy.crop is None and "crop" not in toy.recipe  # real-data sizes do not apply to the toy
-    explicit = train.parse_args(["--method", "fada", "--out", "-", "--lr", "0.01", "--no-align-corners"])
-    assert explicit.lr == 0.01 and not explicit.align_corners and explicit.overridden == ["align_corners", "lr"]
+    toy, toy_run = flags.parse(["--method", "selftrain", "--out", "-"])
+    assert toy.crop is None and "crop" not in toy_run.recipe  # real-data sizes do not apply to the toy
+    explicit, run = flags.parse(["--method", "fada", "--out", "-", "--lr", "0.01", "--no-align-corners"])
+    assert explicit.lr == 0.01 and not explicit.align_corners and run.overridden == ["align_corners", "lr"]
 
 
 @pytest.mark.parametrize("name", ["fada", "selftrain"])
@@ -320,7 +320,7 @@ def test_selftrain_needs_pseudo_dir(tmp_path):
 
 
 def test_selftrain_step_trains_on_augmented_crops(tmp_path):
-    args = train.parse_args(["--method", "selftrain", "--out", str(tmp_path), "--lr", "0.01",
+    args = flags.parse_args(["--method", "selftrain", "--out", str(tmp_path), "--lr", "0.01",
                              "--selftrain-crop", "64x32", "--pseudo-dir", str(tmp_path)])
     space = datasets.label_space("toy-synth")
     torch.manual_seed(0)

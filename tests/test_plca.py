@@ -8,9 +8,8 @@ import statistics
 import pytest
 import torch
 
-import train
 from conftest import TOY_FAST, run_script
-from uda import common, datasets, plca
+from uda import common, datasets, flags, plca
 from uda.models import TinyDeepLab
 
 EPS = 1e-10
@@ -314,8 +313,8 @@ def test_lsr_gradient_is_l_minus_tau_over_tau_times_dl():
 # --------------------------------------------------------------------------------------------------
 # AMP, the method step, test-time aggregation
 # --------------------------------------------------------------------------------------------------
-def make_method(model, *flags, amp="off"):
-    args = train.parse_args(["--method", "plca", "--out", "unused", "--batch-size", "2", "--lr", "1e-3", *flags])
+def make_method(model, *extra, amp="off"):
+    args = flags.parse_args(["--method", "plca", "--out", "unused", "--batch-size", "2", "--lr", "1e-3", *extra])
     env = common.make_env("cpu", amp, datasets.label_space(args.source, args))
     return plca.PLCA(model, args, env)
 
@@ -381,7 +380,7 @@ def test_iter_size_accumulates_to_the_mean_over_micro_batches():
 
 
 def test_recipe_and_logged_terms():
-    args = train.parse_args(["--method", "plca", "--source", "gta5", "--out", "unused"])
+    args = flags.parse_args(["--method", "plca", "--source", "gta5", "--out", "unused"])
     assert (args.lr, args.head_lr_mult, args.bn, args.lovasz_weight, args.align_corners) == (2.5e-4, 1.0, "train", 1.5,
                                                                                               False)
     assert (args.crop, args.source_size, args.target_size, args.random_scale) == ("730x730", "1383x760", "1520x760",

@@ -52,9 +52,10 @@ def test_blocked_upsampling_equals_the_one_shot_upsampling(small, big, align_cor
     assert torch.equal(torch.softmax(blocked, 1).argmax(1), torch.softmax(whole, 1).argmax(1))
 
 
+@pytest.mark.parametrize("resize_via_input", [False, True])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("flags", [{}, {"scales": [0.5, 1.25], "flip": True}, {"slide": (40, 24), "slide_stride": (24, 16)}])
-def test_predict_labels_gives_the_labels_of_predict_probs(monkeypatch, flags, align_corners):
+def test_predict_labels_gives_the_labels_of_predict_probs(monkeypatch, flags, align_corners, resize_via_input):
     monkeypatch.setattr(evaluate, "BLOCK_VALUES", 1)  # the fewest rows per block: many blocks per image
     torch.manual_seed(0)
     model = models.build_model("tiny", 19).eval()
@@ -64,12 +65,13 @@ def test_predict_labels_gives_the_labels_of_predict_probs(monkeypatch, flags, al
     def autocast():
         return common.autocast(CPU, "off")
     with torch.no_grad():
-        expected = ev.predict_probs(model, images, (75, 130), (64, 40), autocast, False, align_corners, args.scales,
-                                    args.flip, args.slide, args.slide_stride).argmax(1)   # (B, H, W)
+        expected = ev.predict_probs(model, images, (75, 130), (64, 40), autocast, None, align_corners, args.scales,
+                                    args.flip, args.slide, args.slide_stride, resize_via_input).argmax(1)  # (B, H, W)
     calls = []
     upsample_rows = evaluate.upsample_rows
     monkeypatch.setattr(evaluate, "upsample_rows", lambda *a: calls.append(a[1]) or upsample_rows(*a))
-    got = evaluate.predict_labels(model, images, args, (64, 40), False, align_corners, CPU)
+    record = evaluate.protocol_record(args, (64, 40), False, align_corners, resize_via_input)
+    got = evaluate.predict_labels(model, images, args, (64, 40), None, record, CPU)
     assert got.dtype == torch.uint8 and torch.equal(got.long(), expected)
     views = len(args.scales) * (2 if args.flip else 1)
     assert len(calls) == views * 5 and max(r1 - r0 for r0, r1 in calls) == evaluate.BLOCK_ROW_MULTIPLE

@@ -13,7 +13,7 @@ from PIL import Image
 import evaluate
 import train
 from conftest import run_script
-from uda import common, datasets, pseudo_labels as pl
+from uda import common, datasets, flags, pseudo_labels as pl
 
 
 def hand_probs():
@@ -119,7 +119,7 @@ def test_generate_writes_class_indices_and_labelspace(tmp_path):
 def checkpoint(tmp_path_factory):
     """A train.py-format checkpoint of a randomly initialised tiny model (no training needed here)."""
     folder = tmp_path_factory.mktemp("ckpt")
-    args = train.parse_args(["--method", "source_only", "--out", str(folder), "--device", "cpu"])
+    args = flags.parse_args(["--method", "source_only", "--out", str(folder), "--device", "cpu"])
     space = datasets.label_space(args.source, args)
     torch.manual_seed(0)
     model = train.build_model(args, space, torch.device("cpu"))

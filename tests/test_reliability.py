@@ -140,12 +140,12 @@ def test_help_shows_recipe_defaults_and_choices():
 
 
 def test_recipe_applies_and_explicit_flags_win():
-    import train
-    args = train.parse_args(["--method", "daformer", "--out", "unused", "--lr", "0.01", "--source", "gta5"])
-    assert args.lr == 0.01 and args.overridden == ["lr"] and args.weight_decay == 0.01 and args.crop == "512x512"
-    line = train.describe_recipe(args)
+    from uda import flags
+    args, run = flags.parse(["--method", "daformer", "--out", "unused", "--lr", "0.01", "--source", "gta5"])
+    assert args.lr == 0.01 and run.overridden == ["lr"] and args.weight_decay == 0.01 and args.crop == "512x512"
+    line = flags.describe_recipe(args, run)
     assert "recipe of daformer" in line and "lr 0.01 (recipe 6e-05)" in line
-    toy = train.parse_args(["--method", "daformer", "--out", "unused"])
+    toy = flags.parse_args(["--method", "daformer", "--out", "unused"])
     assert toy.crop is None and toy.backbone == "tiny"  # real-data sizes and networks skip the toy
 
 

@@ -10,14 +10,13 @@ import sys
 import pytest
 from conftest import REPO
 
-import train
-from uda import datasets, models
+from uda import datasets, flags, models
 from uda.bench import scale
 
 
 @pytest.mark.parametrize("method", scale.METHOD_NAMES)
 def test_recipe_settings_are_what_train_py_parses(method):
-    args = train.parse_args(["--method", method, "--source", "gta5", "--out", "unused"])
+    args = flags.parse_args(["--method", method, "--source", "gta5", "--out", "unused"])
     ours = scale.recipe_settings(method)
     assert ours["backbone"] == args.backbone and ours["bn"] == models.resolve_bn(args.backbone, args.bn)
     assert ours["batch_size"] == args.batch_size and ours["crop"] == args.crop
@@ -32,10 +31,12 @@ def test_sizes_scale_and_selftrain_crop_is_its_flag_default():
     assert scale.scale_size("1280x720", 0.25) == "320x180" and scale.scale_size((2048, 1024), 0.06) == "123x61"
     assert scale.scale_size("native", 0.5) == "native" and scale.scale_size(None, 0.5) is None
     settings = scale.scaled_settings(scale.recipe_settings("selftrain", source="cityscapes"), 0.5)
-    flags = scale.method_size_flags("selftrain", settings, 0.5)
-    default = train.parse_args(["--method", "selftrain", "--out", "unused"]).selftrain_crop
-    assert flags == ["--selftrain-crop", scale.scale_size(default, 0.5)]
-    assert "--rcs-min-pixels" in scale.method_size_flags("daformer", scale.recipe_settings("daformer"), 0.5)
+    size_flags = scale.method_size_flags("selftrain", settings, 0.5)
+    default = flags.parse_args(["--method", "selftrain", "--out", "unused"]).selftrain_crop
+    assert size_flags == ["--selftrain-crop", scale.scale_size(default, 0.5)]
+    size_flags = scale.method_size_flags("daformer", scale.recipe_settings("daformer"), 0.5)
+    assert size_flags == ["--daformer-pseudo-ignore-top", "8", "--daformer-pseudo-ignore-bottom", "60",  # 15, 120
+                          "--rcs-min-pixels", "750"]  # 3000 pixels x 0.5^2
 
 
 def test_timing_and_error_parsers(tmp_path):

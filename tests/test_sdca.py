@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
 from conftest import REPO, TOY_FAST, run_script
-from uda import augment, common, datasets, models, sdca
+from uda import augment, common, datasets, flags, models, sdca
 from uda.common import IGNORE_INDEX, UserError
 
 
@@ -176,10 +175,10 @@ def test_confident_pseudo_labels_and_label_downsampling():
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
-def make_method(*flags):
+def make_method(*extra):
     """SDCA on the tiny toy model, built as train.py builds it, from train.py's own parser."""
-    args = train.parse_args(["--method", "sdca", "--out", "-", "--iters", "6", "--stop-iter", "6", "--lr", "0.01",
-                             *map(str, flags)])
+    args = flags.parse_args(["--method", "sdca", "--out", "-", "--iters", "6", "--stop-iter", "6", "--lr", "0.01",
+                             *map(str, extra)])
     torch.manual_seed(0)
     model = models.build_model(args.backbone, datasets.TOY_SPACE.num_classes, bn=args.bn)
     env = common.make_env("cpu", args.amp, datasets.TOY_SPACE)
@@ -233,7 +232,7 @@ def test_init_statistics_file_is_checked(tmp_path):
 
 
 def test_recipe_is_the_official_sdca_stage():
-    args = train.parse_args(["--method", "sdca", "--source", "gta5", "--out", "-"])
+    args = flags.parse_args(["--method", "sdca", "--source", "gta5", "--out", "-"])
     expected = {"lr": 2.5e-4, "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 5e-4, "poly_power": 0.9,
                 "iters": 62500, "stop_iter": 40000, "batch_size": 4, "bn": "frozen",
                 "source_sampler": "class-balanced", "synthia_classes": 16, "lovasz_weight": 0.75,
@@ -241,7 +240,7 @@ def test_recipe_is_the_official_sdca_stage():
     assert {key: getattr(args, key) for key in expected} == expected
     assert (args.sdca_jitter, args.sdca_grayscale, args.sdca_blur_kernel, args.sdca_blur_sigma) == (
         [0.5, 0.5, 0.5, 0.2], 0.2, 3, [0.1, 2.0])
-    assert train.parse_args(["--method", "sdca", "--out", "-"]).backbone == "tiny"  # the toy keeps its network
+    assert flags.parse_args(["--method", "sdca", "--out", "-"]).backbone == "tiny"  # the toy keeps its network
 
 
 def capture_model_inputs(model):
@@ -255,7 +254,7 @@ def test_only_the_source_is_augmented_jitter_then_grayscale_then_blur_from_the_m
     model, method = make_method()
     seen = capture_model_inputs(model)
     source, target = toy_batch(0), toy_batch(1, labeled=False)
-    g = common.method_generator(0, sdca.STREAM)  # the method's generator, as it starts
+    g = common.method_generator(0, sdca.GENERATOR_STREAM)  # the method's generator, as it starts
     assert torch.equal(method.generator.get_state(), g.get_state())
     expected = augment.color_jitter(source["image"], 0.5, 0.5, 0.5, 0.2, g)
     expected = augment.random_grayscale(expected, 0.2, g)

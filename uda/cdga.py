@@ -273,6 +273,10 @@ RECIPE = {
     "lovasz_weight": 0.0,                  # CE only (both)
     "align_corners": True,                 # nn.Upsample(..., mode='bilinear', align_corners=True) (both)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the toy benchmark's recipe-only control switches off group-wise adversarial alignment and the grouping losses
+CONTROL_FLAGS = ["--cdga-lambda-adv", "0", "--cdga-lambda-sc", "0", "--cdga-lambda-orth", "0",
+                 "--cdga-lambda-balance", "0"]
 
 
 class CDGA:

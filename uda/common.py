@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -278,10 +279,15 @@ def make_env(device, amp, space):
     return Env(device=device, amp=amp, space=space, scaler=make_scaler(device, amp))
 
 
-def method_generator(seed, stream):
+def method_generator(seed, name):
     """A CPU torch.Generator for a method's random draws (augmentation, mixing masks), distinct per rank
-    and per stream number. The method saves its state in its checkpoint, so resume is exact, and no
-    draw touches the global RNG, so evaluation or logging can never shift a method's randomness."""
+    and per method. The method saves its state in its checkpoint, so resume is exact, and no draw touches
+    the global RNG, so evaluation or logging can never shift a method's randomness.
+
+    name: the method's name (its GENERATOR_STREAM, e.g. "fada"): the stream is its CRC-32, a hash that is
+    the same in every process and Python version (Python's hash() of a str is salted per process).
+    """
+    stream = zlib.crc32(name.encode("utf-8"))  # 0 <= stream < 2**32
     return torch.Generator().manual_seed((seed * 1000003 + stream) * 1009 + rank())
 
 

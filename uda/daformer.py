@@ -75,7 +75,7 @@ from uda import common, models  # models: only to build the frozen network of --
 from uda.augment import dacs_strong_augment
 from uda.common import IGNORE_INDEX, UserError, optimizer_step, upsample
 
-GENERATOR_STREAM = 3  # this method's common.method_generator stream (its place in uda/methods.py METHODS)
+GENERATOR_STREAM = "daformer"  # common.method_generator's stream, named after the method
 # DAFormer configs/_base_/uda/dacs_a999_fdthings.py: the "thing" classes, as Cityscapes trainIds
 THING_TRAINIDS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 # DAFormer gta2cs ..._croppl_... config: rows of a Cityscapes 512 crop whose pseudo-labels get weight 0
@@ -288,6 +288,15 @@ RECIPE = {  # DAFormer configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999
     "backbone": "mit-b5",       # configs/_base_/models/daformer_conv1_mitb5.py: mit_b5, pretrained mit_b5.pth
     "align_corners": False,     # daformer_conv1_mitb5.py decode_head align_corners False (losses and test)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the control switches off the mixed pseudo-label term (EMA teacher + ClassMix)
+CONTROL_FLAGS = ["--daformer-lambda-mix", "0"]
+# evaluation as mmseg's: logits resized to the input size, then to the label size (uda/evaluation.py;
+# lhoyer/DAFormer @ e6f6e04 mmseg/models/segmentors/encoder_decoder.py:77-81 and :221-232)
+RESIZE_VIA_INPUT = True
+# uda/bench/scale.py scales these own flags with its --size-factor: rows of a Cityscapes target crop
+SIZE_FLAGS = {"--daformer-pseudo-ignore-top": CITYSCAPES_IGNORE_TOP,
+              "--daformer-pseudo-ignore-bottom": CITYSCAPES_IGNORE_BOTTOM}
 
 
 class DAFormer:

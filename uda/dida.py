@@ -88,7 +88,7 @@ from uda.augment import dacs_strong_augment
 from uda.common import IGNORE_INDEX, optimizer_step, upsample
 from uda.daformer import add_arguments as add_daformer_arguments
 
-GENERATOR_STREAM = 4   # this method's common.method_generator stream (its place in uda/methods.py METHODS)
+GENERATOR_STREAM = "dida"  # common.method_generator's stream, named after the method
 LOG_EPS = 1e-10        # official instance_similarity_loss: log(p + 1e-10)
 DIV_EPS = 1e-12        # denominators of the released-mode normalisations (guards a zero sum)
 SIMMATCH_ALPHA = 0.9   # SimMatch smoothing_alpha (USB default); the released DIDA uses 1 (gather off)
@@ -274,6 +274,14 @@ def gather_from_ranks(tensor):
 # The method
 # --------------------------------------------------------------------------------------------------
 RECIPE = dict(daformer.RECIPE)  # DIDA's configs are DAFormer's (shared/reference/dida.md, section 1)
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the control: the instance loss, the bank's evidence gathered into the pseudo-labels and the teacher's
+# photometric weak view (there for the weak/strong instance consistency; DAFormer's teacher sees the clean
+# crop) off: what remains is DAFormer's iteration (with DIDA's random stream)
+CONTROL_FLAGS = ["--dida-lambda-ins", "0", "--dida-gather-alpha", "1", "--dida-weak-view", "clean"]
+CONTROL_NOTE = "DAFormer's iteration, with DIDA's random stream"
+RESIZE_VIA_INPUT = True  # evaluation as mmseg's, which DIDA's code is built on (see daformer.py)
+SIZE_FLAGS = daformer.SIZE_FLAGS  # DAFormer's pixel-size flags, scaled by uda/bench/scale.py
 
 
 class DIDA:

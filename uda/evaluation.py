@@ -21,9 +21,18 @@ Test-time protocols (evaluate.py --scales / --flip / --slide; predict_probs), in
   (h, w) map and divided by the number of windows covering each pixel; that map is the view's logits.
   One window holding the whole image is whole-image inference with the logits upsampled twice (to the
   input, then to the label size), the same as without --slide when the input is at the label size.
-- PLCA's test-time aggregation (aggregate=True) works on one view's whole image: it combines with
-  scales and flip (each view aggregated on its own, probabilities averaged), not with slide (a window
-  would aggregate within itself only): refused.
+- A method's own test-time prediction (its module's `test_time_predict`, passed as test_time_predict;
+  PLCA's test-time aggregation) works on one view's whole image: it combines with scales and flip (each
+  view predicted on its own, probabilities averaged), not with slide (PLCA would aggregate within a
+  window only): refused.
+- resize_via_input (a method's `RESIZE_VIA_INPUT`: DAFormer, DIDA): a view's logits (or probabilities)
+  are resized to the view's input size first, then to the label size, as mmseg's inference does
+  (github.com/lhoyer/DAFormer @ e6f6e04, mmseg/models/segmentors/encoder_decoder.py:77-81, encode_decode:
+  `resize(out, size=img.shape[2:])`; :221-232, whole_inference: `resize(seg_logit, size=ori_shape[:2])`;
+  softmax after both, :260). Two bilinear resizes differ from one at some pixels (on identical logits,
+  up to 0.7% of the pixels of a 1024x512 input against 2048x1024 labels). Slide windows are always resized to
+  their input (mmseg's slide_inference), so this changes only whole-image views.
+Neither is ever chosen here by a method's name: the caller reads them from the method's module.
 """
 import argparse
 import math
@@ -32,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from uda import common, datasets, models, plca
+from uda import common, datasets, models
 from uda.common import UserError
 
 
@@ -83,33 +92,41 @@ def slide_logits(model, images, window, stride, autocast, align_corners):
     return total / count
 
 
-def view_probs(model, images, label_size, autocast, aggregate, align_corners, slide, slide_stride):
+def view_probs(model, images, label_size, autocast, test_time_predict, align_corners, slide, slide_stride,
+               resize_via_input=False):
     """Softmax probabilities (B, C, H, W) at label_size = (H, W) of one view: `images` as given."""
-    if aggregate:
-        probs = plca.aggregate_predict(model, images, autocast)                     # (B, C, h/s, w/s)
+    input_size = images.shape[-2:]                                                  # (h, w)
+    if test_time_predict is not None:
+        probs = test_time_predict(model, images, autocast)                          # (B, C, h', w')
+        if resize_via_input:
+            probs = common.upsample(probs, input_size, align_corners)               # (B, C, h, w)
         return common.upsample(probs, label_size, align_corners)
     if slide is not None:
         logits = slide_logits(model, images, slide, slide_stride, autocast, align_corners)  # (B, C, h, w)
     else:
         with autocast():
             _, logits = model(images)                                               # (B, C, h/s, w/s)
+        if resize_via_input:  # mmseg: to the input size first (see the module docstring)
+            logits = common.upsample(logits.float(), input_size, align_corners)    # (B, C, h, w)
     return torch.softmax(common.upsample(logits.float(), label_size, align_corners), dim=1)
 
 
 @torch.no_grad()
-def predict_probs(model, images, label_size, input_size, autocast, aggregate=False, align_corners=False,
-                  scales=(1.0,), flip=False, slide=None, slide_stride=None):
+def predict_probs(model, images, label_size, input_size, autocast, test_time_predict=None, align_corners=False,
+                  scales=(1.0,), flip=False, slide=None, slide_stride=None, resize_via_input=False):
     """Softmax probabilities (B, C, H, W) at label_size = (H, W), in fp32, averaged over the views.
 
     images: (B, 3, h0, w0) in [0, 1]. input_size: (width, height) the images are resized to (None: their
     own size); each scale multiplies it. flip: add the mirrored views. slide: (width, height) window of
-    sliding-window inference, slide_stride its step (default: the window, no overlap). aggregate: PLCA's
-    test-time aggregation (uda/plca.aggregate_predict), whose stride-8 probabilities are upsampled, as in
-    the official test script. The defaults are the single-scale protocol.
+    sliding-window inference, slide_stride its step (default: the window, no overlap).
+    test_time_predict: a method's own prediction of a whole view (its module's `test_time_predict`, e.g.
+    PLCA's test-time aggregation, whose stride-8 probabilities are upsampled, as in its official test
+    script); resize_via_input: the method's RESIZE_VIA_INPUT (mmseg's two resizes). The defaults are the
+    single-scale protocol.
     """
-    if aggregate and slide is not None:
-        raise UserError("--slide: PLCA's test-time aggregation runs over the whole image, not a window "
-                        "(use --tta-aggregate off, or drop --slide)")
+    if test_time_predict is not None and slide is not None:
+        raise UserError("--slide: the method's test-time prediction (PLCA's aggregation) runs over the whole "
+                        "image, not a window (use --tta-aggregate off, or drop --slide)")
     stride = slide_stride or slide
     base = input_size or (images.shape[-1], images.shape[-2])
     total, views = None, 0
@@ -117,7 +134,8 @@ def predict_probs(model, images, label_size, input_size, autocast, aggregate=Fal
         resized = resize_images(images, scaled_size(base, scale))                   # (B, 3, s h, s w)
         for mirrored in ((False, True) if flip else (False,)):
             view = resized.flip(-1) if mirrored else resized
-            probs = view_probs(model, view, label_size, autocast, aggregate, align_corners, slide, stride)
+            probs = view_probs(model, view, label_size, autocast, test_time_predict, align_corners, slide, stride,
+                               resize_via_input)
             probs = probs.flip(-1) if mirrored else probs                           # (B, C, H, W)
             total = probs if total is None else total + probs
             views += 1
@@ -157,11 +175,12 @@ def progress(label, total, every, log):
 
 @torch.no_grad()
 def evaluate(model, dataset, space, device, autocast, input_size=None, batch_size=1, workers=0,
-             on_prediction=None, aggregate=False, align_corners=False, scales=(1.0,), flip=False, slide=None,
-             slide_stride=None, log=None):
+             on_prediction=None, test_time_predict=None, align_corners=False, scales=(1.0,), flip=False, slide=None,
+             slide_stride=None, log=None, resize_via_input=False):
     """Confusion matrix (C, C) over the whole dataset, summed over ranks.
 
-    aggregate, scales, flip, slide, slide_stride: the test-time protocol (see predict_probs).
+    test_time_predict, scales, flip, slide, slide_stride, resize_via_input: the test-time protocol (see
+    predict_probs).
     on_prediction(pred (B, H, W) int64, batch): optional callback, e.g. to save predictions.
     log: print progress lines with it (about every 10% and at the end, rank 0); None: silent.
     """
@@ -173,8 +192,8 @@ def evaluate(model, dataset, space, device, autocast, input_size=None, batch_siz
     confusion = torch.zeros(space.num_classes, space.num_classes, dtype=torch.int64, device=device)
     for batch in loader:
         images, labels = batch["image"].to(device), batch["label"].to(device)
-        pred = predict_probs(model, images, labels.shape[-2:], input_size, autocast, aggregate, align_corners,
-                             scales, flip, slide, slide_stride).argmax(1)
+        pred = predict_probs(model, images, labels.shape[-2:], input_size, autocast, test_time_predict, align_corners,
+                             scales, flip, slide, slide_stride, resize_via_input).argmax(1)
         confusion += common.confusion_matrix(pred, labels, space.num_classes)
         if on_prediction is not None:
             on_prediction(pred, batch)
@@ -205,7 +224,9 @@ def model_from_checkpoint(path, device):
     ckpt = common.load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"--ckpt {path}: not a checkpoint written by train.py (expected keys 'model' and 'args')")
-    saved = argparse.Namespace(**ckpt["args"])
+    # a folder source's classes: beside the flags (checkpoints before uda/flags.py: among them)
+    folder_classes = ckpt.get("folder_classes") or ckpt["args"].get("folder_classes")
+    saved = argparse.Namespace(**{**ckpt["args"], "folder_classes": folder_classes})
     space = datasets.label_space(saved.source, saved)
     model = models.build_model(saved.backbone, space.num_classes, bn=getattr(saved, "bn", "auto"))
     models.load_state_strict(model, ckpt["model"], path, saved.backbone)

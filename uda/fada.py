@@ -75,7 +75,7 @@ from uda.source_only import cross_entropy
 
 LEAKY_SLOPE = 0.2  # official PixelDiscriminator: LeakyReLU(negative_slope=0.2)
 DISCRIMINATOR_ALIGN_CORNERS = True  # official PixelDiscriminator.forward: F.interpolate(..., align_corners=True)
-GENERATOR_STREAM = 2  # this method's stream of common.method_generator (source colour jitter)
+GENERATOR_STREAM = "fada"  # common.method_generator's stream, named after the method (source colour jitter)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +168,12 @@ RECIPE = {
     "source_sampler": "class-balanced",  # gta5.py / synthia.py build their train lists class-balanced
     "align_corners": True,               # classifier.py ASPP_Classifier_V2: F.interpolate(align_corners=True)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the toy benchmark's recipe-only control switches off FADA's idea, the adversarial term on target features
+CONTROL_FLAGS = ["--fada-lambda-adv", "0"]
+# the toy benchmark samples the source uniformly, as in the README's toy table (class-balanced sampling is
+# this recipe's real-data choice)
+TOY_FLAGS = ["--source-sampler", "uniform"]
 
 
 class FADA:

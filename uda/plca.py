@@ -89,7 +89,7 @@ NLL_CLAMP = 100.0       # torch.nn.BCELoss clamps log(x) at -100; the official l
 TTA_ALPHA = 0.5         # official tools/test.py: alpha = 0.5 for both test-time aggregations
 BLOCK_ELEMENTS = 1 << 22  # entries of one row block when --plca-chunk is 0 (16 MiB in fp32): temporaries
                           # that fit the CPU's last-level cache, and blocks large enough for full-speed matmuls
-GENERATOR_STREAM = 7    # this method's stream of common.method_generator
+GENERATOR_STREAM = "plca"  # common.method_generator's stream, named after the method
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,6 +488,15 @@ RECIPE = {
     "lovasz_weight": 1.5,                 # LOV_W 0.75 x ITER_SIZE 2 (see Deviations)
     "align_corners": False,               # solver/solver.py: F.interpolate(..., align_corners=False)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the toy benchmark's recipe-only control switches off both association levels, and LSR (the official
+# code applies it only with the association); the test-time aggregation is PLCA's spatial aggregation,
+# part of its idea, so the control is evaluated without it
+CONTROL_FLAGS = ["--plca-lambda-fass", "0", "--plca-lambda-cass", "0", "--plca-lambda-lsr", "0"]
+CONTROL_EVALUATE_FLAGS = ["--tta-aggregate", "off"]
+CONTROL_NOTE = "evaluated with `--tta-aggregate off`, as source_only: the test-time aggregation counts as PLCA's idea"
+# evaluate.py's prediction of a PLCA checkpoint (--tta-aggregate auto), as the official test configs
+test_time_predict = aggregate_predict
 
 
 class PLCA:

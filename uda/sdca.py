@@ -88,7 +88,7 @@ from uda.common import IGNORE_INDEX, UserError, downsample_labels, optimizer_ste
 from uda.source_only import supervised_loss
 
 GAUSSIAN_MGF_HALF = 0.5  # E exp(t.m) = exp(t.mu + 1/2 t^T Sigma t) for m ~ N(mu, Sigma): the bound's 1/2
-STREAM = 6               # this method's random stream number (common.method_generator)
+GENERATOR_STREAM = "sdca"  # common.method_generator's stream, named after the method
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,6 +225,12 @@ RECIPE = {
     "align_corners": True,     # train_sdca.py: F.interpolate(..., align_corners=True), training and test
     "backbone": "deeplabv2-r101",  # MODEL.NAME deeplab_resnet101, torchvision ImageNet weights
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# the toy benchmark's recipe-only control switches off both pixel contrastive levels
+CONTROL_FLAGS = ["--sdca-lambda-feat", "0", "--sdca-lambda-out", "0"]
+CONTROL_NOTE = "without the `python -m uda.sdca init` pass: its statistics feed only the contrastive terms"
+# the toy benchmark samples the source uniformly, as its README table was made (see fada.py)
+TOY_FLAGS = ["--source-sampler", "uniform"]
 
 
 def load_init_statistics(path, feat_stats, out_stats):
@@ -256,7 +262,7 @@ class SDCA:
         if args.sdca_init_stats:
             load_init_statistics(args.sdca_init_stats, self.feat_stats, self.out_stats)
         # every augmentation draw comes from here (distinct per rank, checkpointed), never the global RNG
-        self.generator = common.method_generator(args.seed, STREAM)
+        self.generator = common.method_generator(args.seed, GENERATOR_STREAM)
 
     def augment_source(self, images):
         """The official source transform on (B, 3, H, W) in [0, 1]: jitter, then grayscale, then blur."""

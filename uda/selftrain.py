@@ -56,7 +56,7 @@ from uda.augment import color_jitter
 from uda.common import IGNORE_INDEX, UserError, optimizer_step, sgd
 from uda.source_only import supervised_loss
 
-GENERATOR_STREAM = 3  # this method's stream of common.method_generator (jitter, scale, crop, flip)
+GENERATOR_STREAM = "selftrain"  # common.method_generator's stream, named after the method (jitter, scale, crop, flip)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,6 +110,10 @@ RECIPE = {
     "crop": "2048x1024",       # whole Cityscapes images: the official dataset applies no resize before RandomScale
     "align_corners": True,     # classifier.py ASPP_Classifier_V2: F.interpolate(align_corners=True)
 }
+# Read by the tools through uda/methods.py (the contract in uda/source_only.py):
+# a stage on another method's pseudo-labels (FADA's stage 4), not a benchmark row of its own
+BENCHMARK_ROW = False
+SIZE_FLAGS = {"--selftrain-crop": None}  # a pixel size, scaled by uda/bench/scale.py (None: its default)
 
 
 class SelfTrain:

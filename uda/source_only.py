@@ -16,13 +16,15 @@ loss over all pixels of the batch).
 
 The contract between train.py and a method file (every uda/<method>.py follows it; this file is the
 template, in the order every method file uses: docstring, imports, pure loss functions, small modules,
-RECIPE, the method class, `add_arguments`, `Method = ...`):
+RECIPE and the optional attributes below, the method class, `add_arguments`, `Method = ...`). A new
+method is this one file plus one line in uda/methods.py (`"name": module`): train.py, evaluate.py and the
+tools (uda/bench/) read everything else from the module through METHODS, and test no method's name.
 
 - `RECIPE = {flag_dest: value}`: the paper's values of COMMON flags (lr, head_lr_mult, momentum,
   weight_decay, poly_power, warmup_iters, iters, stop_iter, batch_size, bn, crop, source_size,
   target_size, random_scale, cat_max_ratio, source_sampler, synthia_classes, lovasz_weight,
-  align_corners, backbone, ...). train.py applies it as the parser's defaults in one place
-  (`train.build_parser`), so `python train.py --method X --help` shows the effective defaults, an explicit
+  align_corners, backbone, ...). uda/flags.py applies it as the parser's defaults in one place
+  (`flags.build_parser`), so `python train.py --method X --help` shows the effective defaults, an explicit
   flag wins, and each run prints the recipe and what the command line overrode. Size and backbone
   entries describe real data: for the built-in toy they apply only when given explicitly.
 - `add_arguments(parser)`: the method's own flags, each named `--<method>-...` (DIDA also reads the
@@ -31,7 +33,8 @@ RECIPE, the method class, `add_arguments`, `Method = ...`):
   (a method never assigns to it); `env` a `common.Env` from `common.make_env(device, amp, space)`:
   `env.device`, `env.autocast()` (the context every forward runs under), `env.scaler` (one GradScaler
   for all optimizers), `env.space` (the label space). A method that draws random numbers owns a
-  `common.method_generator(args.seed, stream)` and saves its state, so resume is exact.
+  `common.method_generator(args.seed, GENERATOR_STREAM)`, GENERATOR_STREAM = its name (the stream is a
+  stable hash of it), and saves the generator's state, so resume is exact.
 - `Method.needs_target`: False when the target loader is not needed (train.py then builds none).
 - `method.optimizers`: a list; train.py sets every group's LR from the poly schedule each iteration.
 - `method.train_step(source, target, it) -> {name: 0-d tensor}`: one whole iteration (forwards,
@@ -41,7 +44,25 @@ RECIPE, the method class, `add_arguments`, `Method = ...`):
   over ranks by train.py); train.py calls `env.scaler.update()` once afterwards.
 - `method.state_dict()` / `load_state_dict(state)`: everything besides the model that resume needs
   (optimizers, discriminators, teachers, banks, statistics, generator states).
-- Evaluation uses `model` (train.py and evaluate.py); a method never evaluates.
+- Evaluation uses `model` (train.py and evaluate.py); a method never evaluates. How its official code
+  predicts at test time is told by two optional attributes, which uda/evaluation.py applies:
+  `test_time_predict(model, images, autocast) -> (B, C, h, w)` fp32 probabilities of one whole-image
+  view at any resolution (PLCA: its test-time aggregation; evaluate.py uses it for the method's
+  checkpoints unless `--tta-aggregate off`; train.py's periodic evaluation does not), and
+  `RESIZE_VIA_INPUT = True`: logits are resized to the network's input size first, then to the label
+  size (mmseg's inference: DAFormer, DIDA), instead of once to the label size.
+
+Optional attributes for the tools (absent: the default said here):
+- `CONTROL_FLAGS = [flag, value, ...]`: the command-line flags that switch the method's own idea off,
+  everything else (augmentation, optimiser, schedule, target batches) kept: the toy benchmark's
+  recipe-only control (`python -m uda.bench.toy --controls on`; absent: the method has no control row).
+  `CONTROL_EVALUATE_FLAGS` (evaluate.py flags of the control, e.g. PLCA's `--tta-aggregate off`) and
+  `CONTROL_NOTE` (a line for the table's notes) go with it.
+- `TOY_FLAGS = [flag, value, ...]`: recipe values the toy benchmark changes for this method (FADA and
+  SDCA: uniform source sampling). Absent: the toy keeps the whole RECIPE (its real-data entries aside),
+  with the toy's own scaling of the schedule (uda/bench/toy.py `toy_flags`).
+- `BENCHMARK_ROW = False`: not a row of its own in uda/bench/toy.py and uda/bench/scale.py (selftrain:
+  a stage on another method's pseudo-labels). Absent: every method is measured.
 
 Recipe: the common defaults (DeepLab-v2: SGD 2.5e-4, head x10, momentum 0.9, wd 5e-4, poly 0.9); the
 README's warm-up commands give each paper's stage-1 values (FADA: --lr 5e-4, 31,250 / 20,000 iterations).
@@ -117,7 +138,7 @@ def supervised_loss(logits, labels, lovasz_weight, align_corners=False):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
-RECIPE = {}
+RECIPE = {}  # the common defaults are this method's recipe; no optional attribute either
 
 
 class SourceOnly:

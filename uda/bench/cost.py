@@ -58,8 +58,8 @@ work: CUDA torch.cuda.max_memory_allocated; CPU the process's peak resident set 
 /proc/self/clear_refs). For a backbone that is activations and gradients, its weights excluded.
 
 Methods are built through the contract of uda/source_only.py: `method_args` gives the flags
-`train.py --method X` parses for a toy run, without importing train.py (tests/test_cost.py checks it
-against train.parse_args), `common.make_env` the env, `models.build_model` the network (random init).
+`train.py --method X` parses for a toy run, from uda/flags.py's defaults (tests/test_cost.py checks it
+against flags.parse_args), `common.make_env` the env, `models.build_model` the network (random init).
 """
 import argparse
 import json
@@ -76,13 +76,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from uda import common, datasets, models, plca, png16, sdca
-from uda.bench import METHODS, TRAIN_DEFAULTS, toy
+from uda.bench import METHODS, toy
 from uda.common import IGNORE_INDEX
+from uda.flags import defaults as run_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPACE = datasets.TOY_SPACE  # 19 classes: the toy's, and Cityscapes'
-# RECIPE entries that describe real data and networks: train.py drops them for a toy source
-REAL_DATA_KEYS = ("backbone", "bn", "crop", "source_size", "target_size", "random_scale")
 LABEL_GRID = 8      # synthetic labels: a random class per cell of an 8x8 grid, upsampled
 IGNORE_SHARE = 0.1  # share of grid cells labelled 255
 AGG_ALPHA = 0.5     # PLCA's target aggregation weight alpha (its --plca-agg-alpha default, official 0.5)
@@ -96,20 +95,18 @@ def method_args(method, flags=(), **common_values):
     """The args of `train.py --method METHOD --source toy-synth`, plus `flags` (the method's own, as
     typed on a command line) and `common_values` (common flags by dest, as Python values).
 
-    Layered as train.py layers them: the common defaults (TRAIN_DEFAULTS), the method's RECIPE less
-    its real-data entries, the command line.
+    Layered as train.py layers them (uda/flags.py): the defaults of a toy run of the method (its RECIPE
+    less the real-data entries; an `iters` value ends the recipe's --stop-iter), then the values given.
     """
     module = METHODS[method]
     parser = common.ArgumentParser(prog=f"--method {method}")
     module.add_arguments(parser)
-    recipe = {k: v for k, v in module.RECIPE.items() if k not in REAL_DATA_KEYS}
     try:
         own = vars(parser.parse_args(list(flags)))
     except common.UserError as err:
         raise common.UserError(f"--method {method}: {err}") from None
-    values = {**TRAIN_DEFAULTS, **recipe, **common_values, **own}
-    values["stop_iter"] = values["stop_iter"] or values["iters"]
-    return argparse.Namespace(method=method, **values)
+    defaults = run_defaults(method, "toy-synth", common_values.get("iters"))
+    return argparse.Namespace(**{**defaults, **common_values, **own})
 
 
 def build_method(method, opts, device, flags=(), **common_values):
@@ -463,9 +460,9 @@ def measure_sdca_speed(opts):
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, run_flags) in enumerate(runs.items()):
             out = os.path.join(tmp, str(i))
-            # the toy benchmark's protocol: a RECIPE's sampler, BN, ... back to train.py's defaults
+            # the toy benchmark's protocol: the method's TOY_FLAGS (SDCA: uniform source sampling)
             cmd = [sys.executable, os.path.join(REPO, "train.py"), *run_flags, *flags, "--out", out]
-            cmd += toy.recipe_pins(run_flags[1], cmd)
+            cmd += getattr(METHODS[run_flags[1]], "TOY_FLAGS", [])
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise common.UserError(f"train.py {' '.join(run_flags)}: failed: "

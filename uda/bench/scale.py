@@ -5,7 +5,7 @@
     python -m uda.bench.scale --out runs/quick --methods source_only,fada,data_loading --size-factor 0.06 \\
         --iters 3 --grad-checkpoint off
 
-What it measures, per method (source_only, fada, sdca, plca, cdga, daformer, dida):
+What it measures, per method (every method of uda/methods.py but those with BENCHMARK_ROW = False):
 - seconds per iteration: `train.py --method M` with M's RECIPE (backbone with random weights, resize,
   crop, per-GPU batch, both domains, its sampler), on files in the real folder layouts; the median of
   metrics.jsonl's sec_per_iter (--log-every 1) over the iterations after the first WARMUP_ITERS;
@@ -32,7 +32,8 @@ and noise (PNGs of 3-4 MB at full size). train.py runs as a subprocess with only
 the recipe: --stop-iter (--iters N; the recipe's schedule length is kept), --eval-every 0, --log-every
 1, --workers, --device, --amp, --grad-checkpoint, the data folders and lists, and the sizes when
 --size-factor is not 1 (then every size is scaled: the images, --source-size, --target-size, --crop,
---selftrain-crop, DAFormer's ignored pseudo-label rows and RCS's pixel threshold). Weights are random
+every method's SIZE_FLAGS, e.g. --selftrain-crop and DAFormer's ignored pseudo-label rows, and RCS's pixel
+threshold). Weights are random
 (no pretrained file), with one exception: the frozen-BN recipes (DeepLab-v2 with --bn frozen: source-
 only, FADA, SDCA, CDGA) get `--pretrained` of a random network whose frozen BN statistics are
 calibrated (see `calibrate`): with identity statistics a random DeepLab-v2 diverges to NaN at its
@@ -69,16 +70,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uda import common, daformer, datasets, models, png16, samplers
-from uda.bench import METHODS, TRAIN_DEFAULTS
+from uda import common, datasets, flags, models, png16, samplers
+from uda.bench import METHODS
 from uda.common import IGNORE_INDEX, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHOD_NAMES = ["source_only", "fada", "sdca", "plca", "cdga", "daformer", "dida"]
+METHOD_NAMES = [name for name, module in METHODS.items() if getattr(module, "BENCHMARK_ROW", True)]
 STAGE_NAMES = ["selftrain", "sdca_init", "pseudo_labels", "evaluation", "data_loading", "sampler_stats"]
 WARMUP_ITERS = 2          # iterations whose sec_per_iter is skipped (cudnn autotune, allocator, first batches)
-REAL_BACKBONE = "deeplabv2-r101"  # train.py's backbone for real data when a RECIPE names none
-RCS_MIN_PIXELS = 3000     # train.py --rcs-min-pixels default (DAFormer's), a pixel count: scaled by factor^2
 MIB_PER_GB = 1024         # GB figures below are GiB, as torch / mmcv logs report them
 # native sizes (width, height) of the datasets' files
 NATIVE = {"gta5": (1914, 1052), "synthia": (1280, 760), "cityscapes": (2048, 1024)}
@@ -97,8 +96,8 @@ OFFICIAL = {
                  "source": "github.com/lhoyer/DAFormer issues #42 (author: 9.7 GB in the training logs) and #4 "
                            "(just fits the 11 GB of a 2080 Ti)", "peak_mem_mb": 9.7 * MIB_PER_GB},
     "plca": {"figure": "trained on 2 x V100 32 GB (no peak published)",
-             "source": "github.com/kgl-prml/Pixel-Level-Cycle-Association (commit e01d77a; "
-                       "shared/reference/plca.md)"},
+             "source": "github.com/kgl-prml/Pixel-Level-Cycle-Association README.md:8 @ e01d77a (\"two NVIDIA "
+                       "Tesla V100 (32G) GPU cards\")"},
 }
 STEP_GOALS = {"fada": 2.2, "sdca": 2.2, "cdga": 2.2, "plca": 2.5, "daformer": 3.3}  # x source_only
 DIDA_OVER_DAFORMER = 1.1
@@ -123,16 +122,16 @@ def scale_size(size, factor):
 
 
 def recipe_settings(method, source="gta5"):
-    """What train.py --method METHOD uses on real data: its RECIPE over train.py's real-data defaults."""
-    recipe = METHODS[method].RECIPE
-    backbone = recipe.get("backbone", REAL_BACKBONE)
+    """What train.py --method METHOD uses on real data: its defaults there (uda/flags.py), the sizes a
+    flag left unset means made explicit."""
+    values = flags.defaults(method, source)
     default_size = "native" if source == "cityscapes" else size_text(datasets.default_train_size(source))
-    return {"source": source, "backbone": backbone, "bn": models.resolve_bn(backbone, recipe.get("bn", "auto")),
-            "batch_size": recipe.get("batch_size", TRAIN_DEFAULTS["batch_size"]), "crop": recipe.get("crop"),
-            "source_size": recipe.get("source_size", default_size),
-            "target_size": recipe.get("target_size", size_text(datasets.default_train_size("cityscapes"))),
-            "random_scale": recipe.get("random_scale"), "cat_max_ratio": recipe.get("cat_max_ratio", 1.0),
-            "source_sampler": recipe.get("source_sampler", "uniform")}
+    return {"source": source, "backbone": values["backbone"], "bn": models.resolve_bn(values["backbone"], values["bn"]),
+            "batch_size": values["batch_size"], "crop": values["crop"],
+            "source_size": values["source_size"] or default_size,
+            "target_size": values["target_size"] or size_text(datasets.default_train_size("cityscapes")),
+            "random_scale": values["random_scale"], "cat_max_ratio": values["cat_max_ratio"],
+            "source_sampler": values["source_sampler"]}
 
 
 def scaled_settings(settings, factor):
@@ -536,7 +535,7 @@ class Harness:
             return cmd + (["--max-images", str(n)] if n else [])
         seconds, times = self.per_image("sdca_init", command, self.data.count["gta5"])
         return stage_record(seconds, times, "GTA5 train",
-                            {"input_size": size, "checkpoint": "source_only " + REAL_BACKBONE, "batch_size": 1})
+                            {"input_size": size, "checkpoint": "source_only " + flags.REAL_BACKBONE, "batch_size": 1})
 
     def pseudo_labels(self, rule):
         ckpt = self.checkpoint()
@@ -553,7 +552,7 @@ class Harness:
         return stage_record(seconds, times, "Cityscapes train",
                             {"rule": rule, "input_size": self.eval_input(),
                              "softmax_size": scale_size(NATIVE["cityscapes"], self.factor),
-                             "checkpoint": "source_only " + REAL_BACKBONE})
+                             "checkpoint": "source_only " + flags.REAL_BACKBONE})
 
     def evaluation(self):
         ckpt = self.checkpoint()
@@ -568,7 +567,7 @@ class Harness:
         return stage_record(seconds, times, "Cityscapes val",
                             {"input_size": self.eval_input(),
                              "label_size": scale_size(NATIVE["cityscapes"], self.factor),
-                             "checkpoint": "source_only " + REAL_BACKBONE})
+                             "checkpoint": "source_only " + flags.REAL_BACKBONE})
 
     def selftrain(self):
         """FADA's stage 4 on argmax pseudo-labels, measured like a method (its own source_only group)."""
@@ -684,16 +683,17 @@ def list_key(source):
 
 
 def method_size_flags(method, settings, factor):
-    """Method flags that are sizes in pixels, scaled with the data (passed only when factor != 1)."""
-    flags = []
-    if method in ("daformer", "dida"):  # rows of the target crop whose pseudo-labels are ignored
-        flags += ["--daformer-pseudo-ignore-top", str(round(daformer.CITYSCAPES_IGNORE_TOP * factor)),
-                  "--daformer-pseudo-ignore-bottom", str(round(daformer.CITYSCAPES_IGNORE_BOTTOM * factor))]
+    """Method flags that are sizes in pixels, scaled with the data (passed only when factor != 1): the
+    module's SIZE_FLAGS ({flag: its real-data value, a length, 'WxH', or None for the flag's default})
+    and, with RCS, its pixel threshold."""
+    scaled = []
+    for flag, value in getattr(METHODS[method], "SIZE_FLAGS", {}).items():
+        value = flag_default(method, flag.lstrip("-").replace("-", "_")) if value is None else value
+        scaled += [flag, scale_size(value, factor) if isinstance(value, str) else str(round(value * factor))]
     if settings["source_sampler"] == "rcs":  # a pixel count of the label files
-        flags += ["--rcs-min-pixels", str(max(1, round(RCS_MIN_PIXELS * factor ** 2)))]
-    if method == "selftrain":
-        flags += ["--selftrain-crop", scale_size(flag_default("selftrain", "selftrain_crop"), factor)]
-    return flags
+        rcs_min_pixels = flags.defaults(method, settings["source"])["rcs_min_pixels"]
+        scaled += ["--rcs-min-pixels", str(max(1, round(rcs_min_pixels * factor ** 2)))]
+    return scaled
 
 
 def flag_default(method, dest):

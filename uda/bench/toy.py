@@ -15,12 +15,13 @@ Protocol (the README's "Toy benchmark" section says why), per seed s:
    - source_only: the warm-up continued on toy-synth for N more iterations (the baseline);
    - oracle: source_only on toy-real's labelled train split for N iterations (`--source toy-real`):
      what the same budget from the same start reaches with target labels (the upper reference);
-   - every adaptation method of `uda.bench.METHODS` (train.py's), with its own RECIPE and flag
-     defaults except the toy flags below;
+   - every method of `uda.bench.METHODS` (train.py's) but source_only and those with
+     `BENCHMARK_ROW = False` (selftrain), with its own RECIPE and flag defaults except the toy flags below;
    - fada+selftrain: FADA's stage 4: argmax pseudo-labels of the seed's FADA model over toy-real train
      (`evaluate.py --save-pseudo`), then `--method selftrain` on them for N iterations;
    - with --controls on, every adaptation method's recipe-only control (not a row of its
-     own): the method's command with its own adaptation terms off (CONTROLS) and everything else
+     own): the method's command with its own adaptation terms off (its module's CONTROL_FLAGS; a
+     method without them has no control) and everything else
      (augmentation, optimiser, schedule, target batches) kept, from the same warm-up checkpoint.
      Per seed s: recipe = control - source_only, idea = method - control (so recipe + idea = the
      method's gain in that seed); the table gives mean ± sample std over seeds of both;
@@ -34,23 +35,23 @@ the command line overrode at the top of its train.log):
 - every run: --iters N --stop-iter N --batch-size B: the toy's budget and batch, not the papers' (a
   RECIPE's stop_iter, a share of a 40,000-iteration schedule, would exceed N); --no-eval: evaluate.py
   evaluates every row afterwards, so train.py's own end-of-run evaluation would only repeat it;
-- SGD rows (source_only, oracle, fada, cdga, sdca, plca): --lr (default 0.01): the papers adapt at the
-  LR of their source-only stage (2.5e-4 for DeepLab-v2); the tiny backbone's source-only LR is --lr;
-- daformer, dida: --warmup-iters = 1500/40000 of N (DAFormer's warm-up share; 1500 iterations would
-  never end within N) and --rcs-min-pixels 107 (DAFormer's 3000 pixels at 1280x720, scaled to the toy's
-  256x128); they keep the rest of their AdamW recipe (LR 6e-5, wd 0.01, poly 1, RCS, crop re-draw 0.75);
+- a method whose recipe trains at train.py's default LR (2.5e-4, the DeepLab-v2 source-only LR: fada,
+  cdga, sdca, plca, a method without a recipe LR; source_only and the oracle too): --lr (default 0.01):
+  the papers adapt at the LR of their source-only stage; the tiny backbone's source-only LR is --lr. A
+  recipe with an LR of its own (DAFormer's and DIDA's AdamW 6e-5) keeps it;
+- a recipe LR warm-up (DAFormer, DIDA: 1500 of 40,000): --warmup-iters = the same share of N (1500
+  iterations would never end within N);
+- a recipe with RCS (DAFormer, DIDA): --rcs-min-pixels 107 (train.py's default, DAFormer's 3000 pixels at
+  1280x720, scaled to the toy's 256x128);
 - fada+selftrain: --source toy-real --pseudo-dir, --crop 256x128 (whole toy images in), --selftrain-crop
   128x64 (FADA's half-size crop of 2048x1024) and --lr 2 x --lr (FADA's self-distillation LR over its
   adaptation LR, 5e-4 / 2.5e-4);
 - sdca: --sdca-init-stats from `python -m uda.sdca init` on the warm-up checkpoint (its recipe; over
   --sdca-init-images of toy-synth train, default all);
-- PINNED (head_lr_mult, momentum, weight_decay, poly_power, warmup_iters, cat_max_ratio,
-  source_sampler): a RECIPE value of one of these becomes train.py's default again on the toy, as every
-  row ran before the methods had RECIPEs (FADA's and SDCA's class-balanced sampler, say), so the
-  protocol and the README's toy table stay comparable; KEPT_RECIPE keeps the values a method set itself
-  back then (DAFormer's/DIDA's optimiser, RCS and crop re-draw; PLCA's head LR x1).
-  Every method keeps its RECIPE's align_corners (its official code's, issue 15) and lovasz_weight; a
-  RECIPE's backbone, BN mode, crop and sizes do not apply to the toy (train.py drops them).
+- a method's TOY_FLAGS (fada, sdca: --source-sampler uniform, as in the README's toy table).
+Everything else of a RECIPE applies (optimiser, schedule shape, samplers, align_corners, lovasz_weight,
+...); its backbone, BN mode, crop and sizes describe real data and do not apply to the toy (uda/flags.py
+drops them).
 The flags of each row are recorded in results.json (config.flags), those of each control in its
 entry and in the table's notes.
 
@@ -81,8 +82,9 @@ import sys
 import time
 
 from uda import common, datasets, models
-from uda.bench import METHODS, TRAIN_DEFAULTS
+from uda.bench import METHODS
 from uda.common import UserError, run_cli
+from uda.flags import applicable_recipe, common_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE, ORACLE, SELFTRAIN_ROW = "source_only", "oracle", "fada+selftrain"
@@ -91,44 +93,25 @@ BASELINE, ORACLE, SELFTRAIN_ROW = "source_only", "oracle", "fada+selftrain"
 # official test configs), so the `plca` row uses it; this row shows what the aggregation itself does.
 NO_AGGREGATION_ROW, NO_AGGREGATION = "plca, no test-time aggregation", ["--tta-aggregate", "off"]
 EXTRA_EVALS = {NO_AGGREGATION_ROW: ("plca", NO_AGGREGATION)}
-ADAMW_METHODS = ("daformer", "dida")  # keep their own optimiser recipe (AdamW, lr 6e-5)
-# DAFormer/DIDA recipe: linear LR warm-up over 1500 of 40,000 iterations (configs/_base_/schedules)
-DAFORMER_WARMUP_FRACTION = 1500 / 40000
-# RCS: images with more than 3000 pixels of a class (DAFormer, at GTA5's 1280x720 training size); the
-# same share of a 256x128 toy image is 3000 * (256 * 128) / (1280 * 720) = 107 pixels
-TOY_RCS_MIN_PIXELS = round(3000 * (256 * 128) / (1280 * 720))
-# Common flags whose RECIPE values the toy resets to train.py's defaults (the docstring says why) ...
-PINNED = ("head_lr_mult", "momentum", "weight_decay", "poly_power", "warmup_iters", "cat_max_ratio", "source_sampler")
-# ... except the values a method set itself before RECIPEs existed (its set_defaults calls then)
-DAFORMER_KEPT = ("head_lr_mult", "weight_decay", "poly_power", "cat_max_ratio", "source_sampler")
-KEPT_RECIPE = {"daformer": DAFORMER_KEPT, "dida": DAFORMER_KEPT, "plca": ("head_lr_mult",)}
-# Recipe-only controls: the flags that switch a method's own adaptation terms off (its idea); the rest of
-# its command (augmentation, optimiser, schedule, target batches) is its recipe and stays.
-CONTROLS = {
-    "fada": ["--fada-lambda-adv", "0"],  # the adversarial term on target features
-    "daformer": ["--daformer-lambda-mix", "0"],  # the mixed pseudo-label term (EMA teacher + ClassMix)
-    # DIDA over DAFormer: the instance loss, the bank's evidence gathered into the pseudo-labels and the
-    # teacher's photometric weak view (there for the weak/strong instance consistency; DAFormer's teacher
-    # sees the clean crop): what remains is DAFormer
-    "dida": ["--dida-lambda-ins", "0", "--dida-gather-alpha", "1", "--dida-weak-view", "clean"],
-    "cdga": ["--cdga-lambda-adv", "0", "--cdga-lambda-sc", "0", "--cdga-lambda-orth", "0",
-             "--cdga-lambda-balance", "0"],  # group-wise adversarial alignment and the grouping losses
-    "sdca": ["--sdca-lambda-feat", "0", "--sdca-lambda-out", "0"],  # both pixel contrastive levels
-    # both association levels, and LSR: the official code applies it only with the association
-    "plca": ["--plca-lambda-fass", "0", "--plca-lambda-cass", "0", "--plca-lambda-lsr", "0"],
-}
-# evaluate.py flags of a control: PLCA's test-time aggregation is its spatial aggregation, part of its idea
-CONTROL_EVAL_FLAGS = {"plca": NO_AGGREGATION}
-# What the table's notes add to a control's flags
-CONTROL_NOTES = {
-    "dida": "DAFormer's iteration, with DIDA's random stream",
-    "sdca": "without the `python -m uda.sdca init` pass: its statistics feed only the contrastive terms",
-    "plca": "evaluated with `--tta-aggregate off`, as source_only: the test-time aggregation counts as PLCA's idea",
-}
+# RCS: images with more than --rcs-min-pixels of a class (3000: DAFormer's, at GTA5's 1280x720 training
+# size); the same share of a 256x128 toy image: 3000 * (256 * 128) / (1280 * 720) = 107 pixels
+TOY_RCS_SHARE = (256 * 128) / (1280 * 720)
 
 
 def method_names():
-    return [name for name in METHODS if name not in (BASELINE, "selftrain")]
+    """The methods with a row of their own: all but the baseline and those with BENCHMARK_ROW = False."""
+    return [name for name, module in METHODS.items()
+            if name != BASELINE and getattr(module, "BENCHMARK_ROW", True)]
+
+
+def control_flags(method):
+    """The flags that switch a method's own idea off (its CONTROL_FLAGS), or None: no control."""
+    return getattr(METHODS[method], "CONTROL_FLAGS", None)
+
+
+def controlled(methods):
+    """The methods of `methods` that have a recipe-only control."""
+    return [m for m in methods if control_flags(m) is not None]
 
 
 def control_row(method):
@@ -138,7 +121,7 @@ def control_row(method):
 
 def controlled_method(row):
     """The method whose control a row is compared with (an extra evaluation: its method's), or None."""
-    if row in CONTROLS:
+    if row in METHODS:
         return row
     return EXTRA_EVALS[row][0] if row in EXTRA_EVALS else None
 
@@ -153,28 +136,21 @@ def aggregates_at_test(backbone):
 # Command lines
 # --------------------------------------------------------------------------------------------------
 def toy_flags(method, args):
-    """The flags a method gets beyond the common ones: only constants that do not transfer to the toy."""
+    """The flags a method gets beyond the common ones: its recipe's constants that do not transfer to the
+    toy, scaled to it (the docstring's list), and its module's TOY_FLAGS."""
+    recipe, default = applicable_recipe(method, "toy-synth"), common_defaults()
     flags = []
-    if method in ADAMW_METHODS:
-        # the warm-up is a fixed share of the schedule; 1500 iterations would never end within N
-        flags += ["--warmup-iters", str(round(DAFORMER_WARMUP_FRACTION * args.iters)),
-                  "--rcs-min-pixels", str(TOY_RCS_MIN_PIXELS)]
-    else:
-        # SGD methods: the papers adapt at the LR of their source-only stage (2.5e-4 for DeepLab-v2);
+    if recipe.get("lr", default["lr"]) == default["lr"]:
+        # SGD at the DeepLab-v2 source-only LR: the papers adapt at the LR of their source-only stage;
         # the tiny backbone's source-only LR is --lr
         flags += ["--lr", str(args.lr)]
-    return flags + recipe_pins(method, flags)
-
-
-def recipe_pins(method, given):
-    """Flags that set the PINNED recipe values of `method` back to train.py's defaults, unless kept or given."""
-    kept = KEPT_RECIPE.get(method, ())
-    pins = []
-    for key, value in METHODS[method].RECIPE.items():
-        flag = "--" + key.replace("_", "-")
-        if key in PINNED and key not in kept and flag not in given and value != TRAIN_DEFAULTS[key]:
-            pins += [flag, str(TRAIN_DEFAULTS[key])]
-    return pins
+    if recipe.get("warmup_iters"):
+        # the warm-up is a fixed share of the schedule; the recipe's length would never end within N
+        share = recipe["warmup_iters"] / recipe.get("iters", default["iters"])
+        flags += ["--warmup-iters", str(round(share * args.iters))]
+    if recipe.get("source_sampler") == "rcs":
+        flags += ["--rcs-min-pixels", str(round(default["rcs_min_pixels"] * TOY_RCS_SHARE))]
+    return flags + list(getattr(METHODS[method], "TOY_FLAGS", []))
 
 
 def train_command(method, out, seed, iters, args, pretrained=None, extra=()):
@@ -184,8 +160,7 @@ def train_command(method, out, seed, iters, args, pretrained=None, extra=()):
            "--no-eval", "--log-every", str(max(1, iters // args.windows))]
     if pretrained:
         cmd += ["--pretrained", pretrained]
-    cmd += list(extra)
-    return cmd + recipe_pins(method, cmd)  # every run, also the warm-up and the selftrain stage
+    return cmd + list(extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,9 +261,9 @@ def build_tasks(args, methods):
                 row(method, method, extra, eval_flags=NO_AGGREGATION)
             else:
                 row(method, method, extra)
-        for method in methods if args.controls == "on" else ():  # after the methods: costliest rows first
-            row(control_row(method), method, toy_flags(method, args) + CONTROLS[method],
-                eval_flags=CONTROL_EVAL_FLAGS.get(method, ()))
+        for method in controlled(methods) if args.controls == "on" else ():  # after the methods: costliest first
+            row(control_row(method), method, toy_flags(method, args) + control_flags(method),
+                eval_flags=getattr(METHODS[method], "CONTROL_EVALUATE_FLAGS", ()))
         if SELFTRAIN_ROW in args.rows:
             pseudo = os.path.join(root, SELFTRAIN_ROW, "pseudo_labels")
             label = [sys.executable, evaluate_py, "--ckpt", os.path.join(root, "fada", "last.pt"), "--workers", "0",
@@ -381,7 +356,8 @@ def add_control(entry, name, tasks, base):
     if method is None or not any(t.row == control_row(method) for t in tasks):
         return
     control = collect(tasks, control_row(method))
-    control.update(flags=CONTROLS[method], evaluate_flags=CONTROL_EVAL_FLAGS.get(method, []))
+    control.update(flags=control_flags(method),
+                   evaluate_flags=list(getattr(METHODS[method], "CONTROL_EVALUATE_FLAGS", [])))
     entry["control"] = control
     own, ctrl = dict(zip(entry["seeds"], entry["miou"])), dict(zip(control["seeds"], control["miou"]))
     source = dict(zip(base.get("seeds", []), base.get("miou", [])))
@@ -448,14 +424,14 @@ def markdown_table(methods):
 def markdown_notes(args):
     """The notes under the table: how recipe and idea are computed, each control's flags, backbone caveats."""
     lines = []
-    if args.controls == "on":
+    if args.controls == "on" and controlled(args.methods):
         lines += ["recipe = control − source_only, idea = method − control: mean ± sample std over seeds of the "
                   "per-seed differences (the three runs of a seed start from its warm-up checkpoint; recipe + "
                   "idea = the method's gain over source_only in that seed). A control is its method's command with these flags "
                   "(everything else, augmentation, optimiser, schedule and target batches, kept):", ""]
-        for method in args.methods:
-            note = f" ({CONTROL_NOTES[method]})" if method in CONTROL_NOTES else ""
-            lines.append(f"- {method}: `{' '.join(CONTROLS[method])}`{note}")
+        for method in controlled(args.methods):
+            note = getattr(METHODS[method], "CONTROL_NOTE", None)
+            lines.append(f"- {method}: `{' '.join(control_flags(method))}`" + (f" ({note})" if note else ""))
     if "plca" in args.methods and not args.test_time_aggregation:
         lines += ["", f"PLCA's test-time aggregation is off in its row: `--backbone {args.backbone}` has no "
                       "`.classifier` head to re-apply to aggregated features (so no no-aggregation row either)."]
@@ -474,7 +450,7 @@ def parse_args(argv=None):
                         f"{SELFTRAIN_ROW} runs with fada unless --no-selftrain")
     p.add_argument("--no-selftrain", action="store_true", help=f"leave out the {SELFTRAIN_ROW} row")
     p.add_argument("--controls", choices=["on", "off"], default="off",
-                   help="also run every method's recipe-only control (CONTROLS) for the recipe and idea columns "
+                   help="also run every method's recipe-only control (its CONTROL_FLAGS) for the recipe and idea columns "
                         "(on: about 1.5x the runs; off keeps the default benchmark within 30 minutes on 2 cores)")
     p.add_argument("--backbone", default="tiny", choices=models.BACKBONES,
                    help="network of every run, the warm-up included (from random init: the toy has no "
@@ -521,7 +497,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     tasks = build_tasks(args, args.methods)
     tic = time.time()
-    controls = f" + {len(args.methods)} controls" if args.controls == "on" else ""
+    controls = f" + {len(controlled(args.methods))} controls" if args.controls == "on" else ""
     print(f"benchmark: {len(args.rows)} rows{controls} x {args.seeds} seeds, --backbone {args.backbone}, warm-up "
           f"{args.warmup_iters} + {args.iters} iterations, {args.jobs} job(s) at a time -> {args.out}", flush=True)
     run_tasks(tasks, args.jobs, args.reuse)
@@ -534,7 +510,7 @@ def main(argv=None):
               "load_average": os.getloadavg(), "cpus": os.cpu_count(),
               "flags": {m: toy_flags(m, args) for m in args.methods}, "backbone": args.backbone,
               "controls": args.controls,
-              "control_flags": {m: CONTROLS[m] for m in args.methods if args.controls == "on"},
+              "control_flags": {m: control_flags(m) for m in controlled(args.methods) if args.controls == "on"},
               "plca_test_time_aggregation": args.test_time_aggregation}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"methods": methods, "config": config}, f, indent=2)
