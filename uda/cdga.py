@@ -99,6 +99,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uda import common
 from uda.common import (IGNORE_INDEX, UserError, adam, broadcast_parameters, downsample_labels, optimizer_step, sgd,
                         upsample)
 from uda.source_only import supervised_loss
@@ -281,8 +282,6 @@ class CDGA:
     needs_target = True
 
     def __init__(self, model, args, env):
-        if args.cdga_groups < 2:
-            raise UserError(f"--cdga-groups {args.cdga_groups}: expected at least 2 (orthogonality compares groups)")
         self.model, self.env = model, env
         self.num_groups, self.num_classes = args.cdga_groups, model.num_classes
         self.lovasz_weight, self.align_corners = args.lovasz_weight, args.align_corners
@@ -424,32 +423,33 @@ class CDGA:
 
 def add_arguments(parser):
     group = parser.add_argument_group("cdga (reconstruction; see uda/cdga.py)")
-    group.add_argument("--cdga-groups", type=int, default=4,
-                       help="K, number of cross-domain groups (unknown in the paper; sweep 2, 4, 8)")
+    group.add_argument("--cdga-groups", type=common.int_at_least(2), default=4,
+                       help="K, number of cross-domain groups, >= 2 since orthogonality compares groups (unknown in the paper; "
+                            "sweep 2, 4, 8)")
     group.add_argument("--cdga-group-input", choices=["features", "probs"], default="features",
                        help="what the grouping net reads (detached): G's features or its class probabilities")
-    group.add_argument("--cdga-group-hidden", type=int, default=256, help="hidden channels of the grouping net")
-    group.add_argument("--cdga-group-lr", type=float, default=1e-4, help="Adam learning rate of the grouping net")
+    group.add_argument("--cdga-group-hidden", type=common.positive_int, default=256, help="hidden channels of the grouping net")
+    group.add_argument("--cdga-group-lr", type=common.positive_float, default=1e-4, help="Adam learning rate of the grouping net")
     group.add_argument("--cdga-source-profile", choices=["labels", "probs"], default="labels",
                        help="source group profiles from one-hot labels or from predicted probabilities")
     group.add_argument("--cdga-sc-distance", choices=["l1", "skl"], default="l1",
                        help="distance of the semantic consistency loss: L1 or symmetric KL")
-    group.add_argument("--cdga-lambda-sc", type=float, default=1.0, help="weight of the semantic consistency loss")
-    group.add_argument("--cdga-lambda-orth", type=float, default=1.0, help="weight of the orthogonality loss")
-    group.add_argument("--cdga-lambda-balance", type=float, default=1.0,
+    group.add_argument("--cdga-lambda-sc", type=common.nonnegative_float, default=1.0, help="weight of the semantic consistency loss")
+    group.add_argument("--cdga-lambda-orth", type=common.nonnegative_float, default=1.0, help="weight of the orthogonality loss")
+    group.add_argument("--cdga-lambda-balance", type=common.nonnegative_float, default=1.0,
                        help="weight of the group-usage balance loss (ours, against collapse; 0 disables)")
-    group.add_argument("--cdga-lambda-adv", type=float, default=1e-3,
+    group.add_argument("--cdga-lambda-adv", type=common.nonnegative_float, default=1e-3,
                        help="weight of G's group-wise adversarial loss (AdaptSegNet/ADVENT's 1e-3 on the output)")
     group.add_argument("--cdga-class-weighting", choices=["balanced", "uniform"], default="balanced",
                        help="class equivalence: every present class weighs the same in the alignment "
                             "(balanced) or every pixel does (uniform)")
     group.add_argument("--cdga-d-mode", choices=["shared", "separate"], default="shared",
                        help="one discriminator with K outputs, or K independent ones (grouped convs)")
-    group.add_argument("--cdga-d-width", type=int, default=64,
+    group.add_argument("--cdga-d-width", type=common.positive_int, default=64,
                        help="width of the discriminator's first conv (AdaptSegNet's ndf)")
-    group.add_argument("--cdga-d-lr", type=float, default=1e-4,
+    group.add_argument("--cdga-d-lr", type=common.positive_float, default=1e-4,
                        help="Adam learning rate of the discriminator (AdaptSegNet/ADVENT LEARNING_RATE_D)")
-    group.add_argument("--cdga-d-betas", type=float, nargs=2, default=[0.9, 0.99],
+    group.add_argument("--cdga-d-betas", type=common.fraction_below_one, nargs=2, default=[0.9, 0.99],
                        help="Adam betas of the discriminator (AdaptSegNet/ADVENT) and the grouping net")
 
 

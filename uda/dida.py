@@ -444,15 +444,15 @@ def add_arguments(parser):
     group.add_argument("--dida-mode", choices=["simmatch", "released"], default="simmatch",
                        help="simmatch: L2-normalised features, softmax/T, calibration by the teacher's "
                             "probabilities, pasted pixels masked; released: as the official code computes")
-    group.add_argument("--dida-lambda-ins", type=float, default=0.5,
+    group.add_argument("--dida-lambda-ins", type=common.nonnegative_float, default=0.5,
                        help="weight of the instance-level loss L_ins (0 turns it off)")
-    group.add_argument("--dida-bank-size", type=int, default=300, help="number K of bank entries (K/C per class)")
-    group.add_argument("--dida-bank-interval", type=int, default=50,
+    group.add_argument("--dida-bank-size", type=common.positive_int, default=300, help="number K of bank entries (K/C per class)")
+    group.add_argument("--dida-bank-interval", type=common.positive_int, default=50,
                        help="momentum-update the bank every N iterations")
-    group.add_argument("--dida-bank-momentum", type=float, default=0.999, help="bank momentum m")
-    group.add_argument("--dida-temperature", type=float, default=0.1,
+    group.add_argument("--dida-bank-momentum", type=common.fraction_below_one, default=0.999, help="bank momentum m")
+    group.add_argument("--dida-temperature", type=common.positive_float, default=0.1,
                        help="softmax temperature T over bank entries (simmatch mode only; SimMatch 0.1)")
-    group.add_argument("--dida-gather-alpha", type=float, default=None,
+    group.add_argument("--dida-gather-alpha", type=common.fraction, default=None,
                        help="weight of the semantic probabilities when gathering instance evidence into "
                             "pseudo-labels (1 = off; default: 1 released, 0.9 simmatch)")
     group.add_argument("--dida-calibrate", action=argparse.BooleanOptionalAction, default=True,

@@ -262,10 +262,6 @@ def check_args(args):
     """One UserError per flag out of range that its argparse type lets through, before anything is built."""
     if args.fada_encoding_cap > 1:
         raise UserError(f"--fada-encoding-cap {args.fada_encoding_cap}: expected a probability in (0, 1]")
-    if args.fada_d_width < 2:
-        raise UserError(f"--fada-d-width {args.fada_d_width}: expected an integer >= 2")
-    if max(args.fada_d_betas) >= 1:
-        raise UserError(f"--fada-d-betas {' '.join(map(str, args.fada_d_betas))}: expected two numbers in [0, 1)")
     if args.fada_color_jitter[3] > 0.5:
         raise UserError(f"--fada-color-jitter {' '.join(map(str, args.fada_color_jitter))}: expected the hue "
                         f"amount in [0, 0.5] (torchvision ColorJitter)")
@@ -283,10 +279,10 @@ def add_arguments(parser):
                        help="weight of each domain's half of the discriminator loss (official: 0.5)")
     group.add_argument("--fada-d-lr", type=common.positive_float, default=1e-4,
                        help="discriminator Adam LR, poly-decayed (official BASE_LR_D: 1e-4)")
-    group.add_argument("--fada-d-betas", type=common.nonnegative_float, nargs=2, default=(0.9, 0.99),
+    group.add_argument("--fada-d-betas", type=common.fraction_below_one, nargs=2, default=(0.9, 0.99),
                        metavar=("B1", "B2"),
                        help="discriminator Adam betas (official: 0.9 0.99)")
-    group.add_argument("--fada-d-width", type=common.positive_int, default=256,
+    group.add_argument("--fada-d-width", type=common.int_at_least(2), default=256,
                        help="channels of the discriminator's first conv, the second has half (official ndf: 256)")
     group.add_argument("--fada-color-jitter", type=common.nonnegative_float, nargs=4,
                        default=(0.5, 0.5, 0.5, 0.2), metavar=("B", "C", "S", "H"),

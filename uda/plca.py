@@ -80,6 +80,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from uda import common
 from uda.common import IGNORE_INDEX, UserError, downsample_labels, method_generator, optimizer_step, sgd
 from uda.source_only import supervised_loss
 
@@ -496,11 +497,8 @@ class PLCA:
     needs_target = True
 
     def __init__(self, model, args, env):
-        if args.plca_iter_size < 1 or args.batch_size % args.plca_iter_size:
-            raise UserError(f"--plca-iter-size {args.plca_iter_size}: must be >= 1 and divide "
-                            f"--batch-size {args.batch_size}")
-        if not 0 <= args.plca_agg_alpha < 1:
-            raise UserError(f"--plca-agg-alpha {args.plca_agg_alpha}: expected a value in [0, 1)")
+        if args.batch_size % args.plca_iter_size:
+            raise UserError(f"--plca-iter-size {args.plca_iter_size}: must divide --batch-size {args.batch_size}")
         if args.plca_max_pixels == 1:
             raise UserError("--plca-max-pixels 1: need at least 2 pixels per image (or 0 for all)")
         self.model, self.env = model, env
@@ -564,25 +562,25 @@ class PLCA:
 
 def add_arguments(parser):
     group = parser.add_argument_group("plca")
-    group.add_argument("--plca-lambda-fass", type=float, default=0.1,
+    group.add_argument("--plca-lambda-fass", type=common.nonnegative_float, default=0.1,
                        help="lambda_fass: feature-level (layer4, cosine) association loss (official ASSO_W)")
-    group.add_argument("--plca-lambda-cass", type=float, default=0.1,
+    group.add_argument("--plca-lambda-cass", type=common.nonnegative_float, default=0.1,
                        help="lambda_cass: classifier-level (probabilities, -KL) association loss (official "
                             "ASSO_W; 0 = feature level only)")
-    group.add_argument("--plca-lambda-lsr", type=float, default=0.01,
+    group.add_argument("--plca-lambda-lsr", type=common.nonnegative_float, default=0.01,
                        help="lambda_lsr: weight of LSR on each domain (official LSR_W)")
-    group.add_argument("--plca-lsr-tau", type=float, default=10.0,
+    group.add_argument("--plca-lsr-tau", type=common.nonnegative_float, default=10.0,
                        help="tau of LSR: the mean -log p it pulls towards (official LSR_THRES)")
-    group.add_argument("--plca-agg-alpha", type=float, default=0.5,
+    group.add_argument("--plca-agg-alpha", type=common.fraction_below_one, default=0.5,
                        help="alpha of the target spatial aggregation in training, in [0, 1) (official "
                             "SPAGG_ALPHA; 0 = no aggregation)")
-    group.add_argument("--plca-chunk", type=int, default=0,
+    group.add_argument("--plca-chunk", type=common.nonnegative_int, default=0,
                        help="keep no N x N matrix for the backward: recompute the association this many rows "
                             "at a time (exact, less memory, slower); 0 = keep the feature level's two")
-    group.add_argument("--plca-max-pixels", type=int, default=0,
+    group.add_argument("--plca-max-pixels", type=common.nonnegative_int, default=0,
                        help="associate a random subset of this many pixels per image (approximate, less "
                             "memory); 0 = every pixel (faithful)")
-    group.add_argument("--plca-iter-size", type=int, default=1,
+    group.add_argument("--plca-iter-size", type=common.positive_int, default=1,
                        help="micro-batches per optimizer step, each forwarded separately (official "
                             "ITER_SIZE = 2 with 2 pairs per GPU); must divide --batch-size")
 

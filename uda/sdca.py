@@ -318,42 +318,37 @@ class SDCA:
 
 
 def check_arguments(args):
-    if args.sdca_tau <= 0:
-        raise UserError(f"--sdca-tau {args.sdca_tau}: expected a positive temperature (official 100)")
-    if not 0 <= args.sdca_delta <= 1:
-        raise UserError(f"--sdca-delta {args.sdca_delta}: expected a probability in [0, 1] (official 0.9)")
-    if not 0 <= args.sdca_grayscale <= 1:
-        raise UserError(f"--sdca-grayscale {args.sdca_grayscale}: expected a probability in [0, 1]")
-    if min(args.sdca_jitter) < 0 or args.sdca_jitter[3] > 0.5:
-        raise UserError(f"--sdca-jitter {args.sdca_jitter}: expected brightness, contrast, saturation >= 0 "
-                        "and hue in [0, 0.5]")
-    if args.sdca_blur_kernel < 0 or (args.sdca_blur_kernel and args.sdca_blur_kernel % 2 == 0):
+    """The checks that relate values (ranges are the flags' argparse types)."""
+    if args.sdca_jitter[3] > 0.5:
+        raise UserError(f"--sdca-jitter {' '.join(map(str, args.sdca_jitter))}: expected the hue amount in [0, 0.5] "
+                        "(torchvision ColorJitter)")
+    if args.sdca_blur_kernel % 2 == 0 and args.sdca_blur_kernel:
         raise UserError(f"--sdca-blur-kernel {args.sdca_blur_kernel}: expected an odd size, or 0 for no blur")
-    if not 0 < args.sdca_blur_sigma[0] <= args.sdca_blur_sigma[1]:
-        raise UserError(f"--sdca-blur-sigma {args.sdca_blur_sigma}: expected 0 < MIN <= MAX")
+    if args.sdca_blur_sigma[0] > args.sdca_blur_sigma[1]:
+        raise UserError(f"--sdca-blur-sigma {' '.join(map(str, args.sdca_blur_sigma))}: expected MIN <= MAX")
 
 
 def add_arguments(parser):
     group = parser.add_argument_group("sdca")
-    group.add_argument("--sdca-lambda-feat", type=float, default=1.0,
+    group.add_argument("--sdca-lambda-feat", type=common.nonnegative_float, default=1.0,
                        help="weight of the feature-level pixel contrastive loss (source + target; SOLVER.LAMBDA_FEAT)")
-    group.add_argument("--sdca-lambda-out", type=float, default=1.0,
+    group.add_argument("--sdca-lambda-out", type=common.nonnegative_float, default=1.0,
                        help="weight of the output-level (logit) pixel contrastive loss (source + target; "
                             "SOLVER.LAMBDA_OUT)")
-    group.add_argument("--sdca-tau", type=float, default=100.0,
+    group.add_argument("--sdca-tau", type=common.positive_float, default=100.0,
                        help="temperature tau of the contrastive loss (official SOLVER.TAU = 100: a weak pull)")
-    group.add_argument("--sdca-delta", type=float, default=0.9,
+    group.add_argument("--sdca-delta", type=common.fraction, default=0.9,
                        help="target pixels whose max softmax probability is below this are ignored (SOLVER.DELTA)")
     group.add_argument("--sdca-init-stats", default=None, metavar="FILE",
                        help="class statistics from `python -m uda.sdca init` (default: start empty and "
                             "fill from the first source batches)")
     group.add_argument("--sdca-augment", choices=["on", "off"], default="on",
                        help="colour jitter / grayscale / blur of the source batch (official: on)")
-    group.add_argument("--sdca-jitter", type=float, nargs=4, default=[0.5, 0.5, 0.5, 0.2],
+    group.add_argument("--sdca-jitter", type=common.nonnegative_float, nargs=4, default=[0.5, 0.5, 0.5, 0.2],
                        metavar=("B", "C", "S", "H"), help="colour jitter brightness, contrast, saturation, hue")
-    group.add_argument("--sdca-grayscale", type=float, default=0.2, help="probability of grayscale")
-    group.add_argument("--sdca-blur-kernel", type=int, default=3, help="Gaussian blur kernel size (0: no blur)")
-    group.add_argument("--sdca-blur-sigma", type=float, nargs=2, default=[0.1, 2.0], metavar=("MIN", "MAX"),
+    group.add_argument("--sdca-grayscale", type=common.fraction, default=0.2, help="probability of grayscale")
+    group.add_argument("--sdca-blur-kernel", type=common.nonnegative_int, default=3, help="Gaussian blur kernel size (0: no blur)")
+    group.add_argument("--sdca-blur-sigma", type=common.positive_float, nargs=2, default=[0.1, 2.0], metavar=("MIN", "MAX"),
                        help="blur sigma drawn uniformly from [MIN, MAX]")
 
 
