@@ -55,14 +55,14 @@ Deviations (from the official code):
   the network and saves its forward and backward passes (the official code would still train it).
 - The source colour jitter runs on the batch in torch after the loader's resize (official: torchvision
   ColorJitter on the PIL image before the resize, rounding to uint8 after each operation); same
-  operations and factor distributions. Its random numbers come from the method's generator (seeded by
-  --seed and the rank, saved in the checkpoint), not from the global RNG.
+  operations and factor distributions. Its random numbers come from the method's own random generator
+  `self.rng` (seeded by --seed and the rank, saved in the checkpoint), not from the global RNG.
 - train.py's loader flips the source batch horizontally with probability 0.5 (the official adversarial
   stage does not flip).
 - Class-balanced source sampling (`--source-sampler class-balanced`) is reproducible per (seed, draw);
   see uda/samplers.py for how it differs from gta5.py's unseeded per-rank list.
 - The official code leaves autograd anomaly detection on and restarts the LR schedule on resume; we
-  do neither (resume restores D, both optimizers, the generator and the iteration).
+  do neither (resume restores D, both optimizers, the random generator and the iteration).
 """
 import torch
 import torch.nn as nn
@@ -181,7 +181,8 @@ class FADA:
         self.temperature, self.cap = args.fada_temperature, args.fada_encoding_cap
         self.lambda_adv, self.lambda_d = args.fada_lambda_adv, args.fada_lambda_d
         self.jitter, self.align_corners = tuple(args.fada_color_jitter), args.align_corners
-        self.generator = common.method_generator(args.seed, GENERATOR_STREAM)
+        # `rng`, not `generator`: in this file the generator is the segmentation network (generator_step)
+        self.rng = common.method_generator(args.seed, GENERATOR_STREAM)
         self.discriminator = PixelDiscriminator(model.feature_dim, model.num_classes, args.fada_d_width).to(env.device)
         common.broadcast_parameters(self.discriminator)  # every rank starts from rank 0's D
         self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
@@ -194,7 +195,7 @@ class FADA:
         self.optimizer.zero_grad(set_to_none=True)
         images_s, labels_s = source["image"], source["label"]
         if any(amount > 0 for amount in self.jitter):
-            images_s = color_jitter(images_s, *self.jitter, self.generator)
+            images_s = color_jitter(images_s, *self.jitter, self.rng)
         size_s, size_t = tuple(images_s.shape[-2:]), tuple(target["image"].shape[-2:])
 
         # 1. supervised source loss on logits / T; backward now frees the source graph early
@@ -249,13 +250,13 @@ class FADA:
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict(), "discriminator": self.discriminator.state_dict(),
-                "d_optimizer": self.d_optimizer.state_dict(), "generator": self.generator.get_state()}
+                "d_optimizer": self.d_optimizer.state_dict(), "rng": self.rng.get_state()}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
-        self.generator.set_state(state["generator"])
+        self.rng.set_state(state["rng"] if "rng" in state else state["generator"])  # older checkpoints: "generator"
 
 
 def check_args(args):
