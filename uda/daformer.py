@@ -1,6 +1,7 @@
 """DAFormer: the DACS self-training base with DAFormer's training strategies (`--method daformer`).
 
-Copy with: uda/common.py, uda/augment.py, uda/models.py (the frozen network of --daformer-fd-pretrained).
+Copy with: uda/common.py, uda/augment.py, uda/models.py, uda/mit.py (models.py builds the frozen network of
+--daformer-fd-pretrained; mit.py is its MiT backbone).
 
 Papers:
 - Hoyer, Dai, Van Gool, "DAFormer: Improving Network Architectures and Training Strategies for

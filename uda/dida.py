@@ -1,6 +1,6 @@
 """DIDA: dual-level interaction on the DAFormer self-training base (`--method dida`).
 
-Copy with: uda/common.py, uda/augment.py, uda/models.py, uda/daformer.py.
+Copy with: uda/common.py, uda/augment.py, uda/models.py, uda/mit.py, uda/daformer.py (DIDA's base).
 
 Paper: Yao, Li, et al., "Dual-level Interaction for Domain Adaptive Semantic Segmentation", ICCV 2023
 workshops, arXiv 2307.07972. Official code checked: github.com/RainJamesY/DIDA commit 8b9c5bf

@@ -1,7 +1,11 @@
 """SDCA: pixel contrastive adaptation guided by per-class Gaussian statistics, with its estimator.
 
-Copy with: uda/common.py, uda/augment.py, uda/source_only.py (the `init` command at the end also imports
-uda/evaluation.py, uda/datasets.py and uda/models.py, inside `init_main`).
+Copy with: uda/common.py, uda/augment.py, uda/source_only.py. The `init` command at the end
+(`python -m uda.sdca init`) reads a checkpoint and the source dataset, so it also needs uda/datasets.py,
+uda/evaluation.py and the files they import; it imports them inside `init_main` so that the method
+itself does not. It stays in this file because it writes the statistics file that --sdca-init-stats
+reads back (`ClassStatistics`, `load_init_statistics`): the writer and the reader of one format side by
+side, and it is stage 2 of this method's recipe.
 
 Shuang Li, Binhui Xie, Bin Zang, Chi Harold Liu, Xinjing Cheng, Ruigang Yang, Guoren Wang,
 "Semantic Distribution-aware Contrastive Adaptation for Semantic Segmentation", arXiv 2105.05013 (2021).
