@@ -8,7 +8,7 @@ Grouping and Alignment for Domain Adaptive Semantic Segmentation", AAAI 2021, ar
 Official code: none exists (the authors' publication page has an empty code link; no third-party
 implementation was found), so no commit was checked. The paper's full text (equations, K, loss weights,
 tables) was not available either. What this file implements is built from the abstract, the Figure 1
-legend, the Figure 2 caption and third-party summaries (see shared/reference/cdga.md). The four parts
+legend and the Figure 2 caption of arXiv 2012.08226, and third-party summaries of the paper. The four parts
 the abstract names are all here; every formula below is OUR design choice, listed with its reason and
 its alternative. No published number is reproduced. The training protocol around it is that of the
 adversarial baselines CDGA builds on, AdaptSegNet (Tsai et al., CVPR 2018,
@@ -424,18 +424,22 @@ class CDGA:
 def add_arguments(parser):
     group = parser.add_argument_group("cdga (reconstruction; see uda/cdga.py)")
     group.add_argument("--cdga-groups", type=common.int_at_least(2), default=4,
-                       help="K, number of cross-domain groups, >= 2 since orthogonality compares groups (unknown in the paper; "
-                            "sweep 2, 4, 8)")
+                       help="K, number of cross-domain groups, >= 2 since orthogonality compares groups "
+                            "(unknown in the paper; sweep 2, 4, 8)")
     group.add_argument("--cdga-group-input", choices=["features", "probs"], default="features",
                        help="what the grouping net reads (detached): G's features or its class probabilities")
-    group.add_argument("--cdga-group-hidden", type=common.positive_int, default=256, help="hidden channels of the grouping net")
-    group.add_argument("--cdga-group-lr", type=common.positive_float, default=1e-4, help="Adam learning rate of the grouping net")
+    group.add_argument("--cdga-group-hidden", type=common.positive_int, default=256,
+                       help="hidden channels of the grouping net")
+    group.add_argument("--cdga-group-lr", type=common.positive_float, default=1e-4,
+                       help="Adam learning rate of the grouping net")
     group.add_argument("--cdga-source-profile", choices=["labels", "probs"], default="labels",
                        help="source group profiles from one-hot labels or from predicted probabilities")
     group.add_argument("--cdga-sc-distance", choices=["l1", "skl"], default="l1",
                        help="distance of the semantic consistency loss: L1 or symmetric KL")
-    group.add_argument("--cdga-lambda-sc", type=common.nonnegative_float, default=1.0, help="weight of the semantic consistency loss")
-    group.add_argument("--cdga-lambda-orth", type=common.nonnegative_float, default=1.0, help="weight of the orthogonality loss")
+    group.add_argument("--cdga-lambda-sc", type=common.nonnegative_float, default=1.0,
+                       help="weight of the semantic consistency loss")
+    group.add_argument("--cdga-lambda-orth", type=common.nonnegative_float, default=1.0,
+                       help="weight of the orthogonality loss")
     group.add_argument("--cdga-lambda-balance", type=common.nonnegative_float, default=1.0,
                        help="weight of the group-usage balance loss (ours, against collapse; 0 disables)")
     group.add_argument("--cdga-lambda-adv", type=common.nonnegative_float, default=1e-3,

@@ -273,7 +273,9 @@ def gather_from_ranks(tensor):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
-RECIPE = dict(daformer.RECIPE)  # DIDA's configs are DAFormer's (shared/reference/dida.md, section 1)
+# DIDA's repository is DAFormer's with a new UDA module; its GTA->Cityscapes config is DAFormer's
+# (RainJamesY/DIDA @ 8b9c5bf configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py)
+RECIPE = dict(daformer.RECIPE)
 
 
 class DIDA:
@@ -446,7 +448,8 @@ def add_arguments(parser):
                             "probabilities, pasted pixels masked; released: as the official code computes")
     group.add_argument("--dida-lambda-ins", type=common.nonnegative_float, default=0.5,
                        help="weight of the instance-level loss L_ins (0 turns it off)")
-    group.add_argument("--dida-bank-size", type=common.positive_int, default=300, help="number K of bank entries (K/C per class)")
+    group.add_argument("--dida-bank-size", type=common.positive_int, default=300,
+                       help="number K of bank entries (K/C per class)")
     group.add_argument("--dida-bank-interval", type=common.positive_int, default=50,
                        help="momentum-update the bank every N iterations")
     group.add_argument("--dida-bank-momentum", type=common.fraction_below_one, default=0.999, help="bank momentum m")

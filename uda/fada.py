@@ -9,18 +9,18 @@ discriminator.py, core/models/classifier.py, core/datasets/build.py, core/datase
 configs/deeplabv2_*_adv*.yaml read and followed). The later stages (pseudo-labels, self-distillation)
 are uda/pseudo_labels.py and uda/selftrain.py.
 
-Symbols: F = model features at stride 8 (layer4; B x D x h x w), z = logits (B x K x h x w), K classes,
+Symbols: F = model features at stride 8 (layer4; B x D x h x w), z = logits (B x C x h x w), C classes,
 up(.) = bilinear upsampling to the input size with align_corners = --align-corners (True in RECIPE, as
-the official classifier), T = --fada-temperature, D(.) = the pixel discriminator with 2K outputs per
-pixel (channels 0..K-1 "source, class k", K..2K-1 "target, class k"), its output upsampled to the input
+the official classifier), T = --fada-temperature, D(.) = the pixel discriminator with 2C outputs per
+pixel (channels 0..C-1 "source, class c", C..2C-1 "target, class c"), its output upsampled to the input
 size with align_corners=True always (hard-coded in the official PixelDiscriminator).
 
 Domain encodings (the discriminator's class-aware labels), from the model's OWN predictions in both
 domains (source ground truth is not used for them), detached, clamped, NOT renormalised:
     a = min(softmax(up(z) / T), cap)                      cap = --fada-encoding-cap
 
-Soft cross-entropy, softmax jointly over the 2K channels, mean over pixels, no ignore mask:
-    softCE(d, y) = mean_pixels( -sum_{j<2K} y_j * log softmax_j(d) )
+Soft cross-entropy, softmax jointly over the 2C channels, mean over pixels, no ignore mask:
+    softCE(d, y) = mean_pixels( -sum_{j<2C} y_j * log softmax_j(d) )
 
 One iteration, in the official order:
 0. x_s = ColorJitter(x_s) with (brightness, contrast, saturation, hue) = --fada-color-jitter
@@ -84,18 +84,18 @@ GENERATOR_STREAM = 2  # this method's stream of common.method_generator (source 
 def domain_encoding(logits, temperature, cap):
     """a = min(softmax(logits / T), cap), detached and NOT renormalised.
 
-    logits: (B, K, H, W) at the resolution the encodings are wanted. Returns (B, K, H, W) fp32 without
+    logits: (B, C, H, W) at the resolution the encodings are wanted. Returns (B, C, H, W) fp32 without
     a graph: the encodings are labels for the discriminator, no gradient may flow through them.
     """
     assert logits.dim() == 4 and temperature > 0 and 0 < cap <= 1
     with torch.no_grad():
-        return torch.softmax(logits.detach().float() / temperature, dim=1).clamp_(max=cap)  # (B, K, H, W)
+        return torch.softmax(logits.detach().float() / temperature, dim=1).clamp_(max=cap)  # (B, C, H, W)
 
 
 def soft_cross_entropy(d_logits, soft_labels):
     """mean over pixels of -sum_j y_j log softmax_j(d), softmax over all channels, fp32, no ignore mask.
 
-    d_logits, soft_labels: (B, J, H, W) (J = 2K for FADA). Returns a scalar.
+    d_logits, soft_labels: (B, J, H, W) (J = 2C for FADA). Returns a scalar.
     """
     assert d_logits.shape == soft_labels.shape and d_logits.dim() == 4
     log_probs = F.log_softmax(d_logits.float(), dim=1)                     # (B, J, H, W)
@@ -105,20 +105,20 @@ def soft_cross_entropy(d_logits, soft_labels):
 def domain_cross_entropy(d_logits, encoding, domain):
     """softCE(d, [a ; 0]) for domain 0 (source) or softCE(d, [0 ; a]) for domain 1 (target).
 
-    d_logits: (B, 2K, H, W); encoding: (B, K, H, W). Same value as soft_cross_entropy against the
-    concatenated 2K target, without materialising the zero half.
+    d_logits: (B, 2C, H, W); encoding: (B, C, H, W). Same value as soft_cross_entropy against the
+    concatenated 2C target, without materialising the zero half.
     """
     num_classes = encoding.shape[1]
     assert d_logits.shape[1] == 2 * num_classes and d_logits.shape[2:] == encoding.shape[2:] and domain in (0, 1)
-    log_probs = F.log_softmax(d_logits.float(), dim=1)                     # (B, 2K, H, W), joint over 2K
-    half = log_probs[:, domain * num_classes:(domain + 1) * num_classes]   # (B, K, H, W)
-    return -(encoding.float() * half).sum(dim=1).mean()                    # sum over K, mean over pixels
+    log_probs = F.log_softmax(d_logits.float(), dim=1)                     # (B, 2C, H, W), joint over 2C
+    half = log_probs[:, domain * num_classes:(domain + 1) * num_classes]   # (B, C, H, W)
+    return -(encoding.float() * half).sum(dim=1).mean()                    # sum over C, mean over pixels
 
 
 def segmentation_loss(logits, labels, temperature):
     """CE(z / T, y), 255 ignored, fp32; 0 (with a graph) when every pixel is ignored.
 
-    logits: (B, K, H, W) already at the label size; labels: (B, H, W) int64.
+    logits: (B, C, H, W) already at the label size; labels: (B, H, W) int64.
     """
     return cross_entropy(logits.float() / temperature, labels)
 
@@ -128,9 +128,9 @@ def segmentation_loss(logits, labels, temperature):
 # --------------------------------------------------------------------------------------------------
 class PixelDiscriminator(nn.Module):
     """Fully convolutional, no downsampling: 3x3 conv D -> width, LeakyReLU, 3x3 -> width/2, LeakyReLU,
-    then two 3x3 heads width/2 -> K ("source, class k" and "target, class k"), concatenated to 2K.
+    then two 3x3 heads width/2 -> C ("source, class c" and "target, class c"), concatenated to 2C.
 
-    ~5.06M parameters for D = 2048, width = 256, K = 19 (official ndf = 256). Default PyTorch init.
+    ~5.06M parameters for D = 2048, width = 256, C = 19 (official ndf = 256). Default PyTorch init.
     """
 
     def __init__(self, in_channels, num_classes, width=256):
@@ -142,12 +142,12 @@ class PixelDiscriminator(nn.Module):
         self.target_head = nn.Conv2d(width // 2, num_classes, 3, padding=1)
 
     def forward(self, features, size=None):
-        """features (B, D, h, w) -> (B, 2K, h, w), or (B, 2K, *size) in fp32 when size is given."""
+        """features (B, D, h, w) -> (B, 2C, h, w), or (B, 2C, *size) in fp32 when size is given."""
         hidden = self.body(features)                                                       # (B, width/2, h, w)
-        out = torch.cat([self.source_head(hidden), self.target_head(hidden)], dim=1)       # (B, 2K, h, w)
+        out = torch.cat([self.source_head(hidden), self.target_head(hidden)], dim=1)       # (B, 2C, h, w)
         if size is None:
             return out
-        return common.upsample(out.float(), size, DISCRIMINATOR_ALIGN_CORNERS)             # (B, 2K, H, W)
+        return common.upsample(out.float(), size, DISCRIMINATOR_ALIGN_CORNERS)             # (B, 2C, H, W)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,8 +200,8 @@ class FADA:
 
         # 1. supervised source loss on logits / T; backward now frees the source graph early
         with self.env.autocast():
-            features_s, logits_s = self.model(images_s)                           # (B, D, h, w), (B, K, h, w)
-        logits_s = common.upsample(logits_s.float(), size_s, self.align_corners)  # (B, K, H, W) fp32
+            features_s, logits_s = self.model(images_s)                           # (B, D, h, w), (B, C, h, w)
+        logits_s = common.upsample(logits_s.float(), size_s, self.align_corners)  # (B, C, H, W) fp32
         seg = segmentation_loss(logits_s, labels_s, self.temperature)
         scaler.scale(seg).backward()
         logged = {"seg": seg.detach()}
@@ -217,7 +217,7 @@ class FADA:
                                          self.temperature, self.cap)
             self.discriminator.requires_grad_(False)  # no D gradients from the network's loss
             with self.env.autocast():
-                d_t = self.discriminator(features_t, size_t)                      # (B, 2K, H, W) fp32
+                d_t = self.discriminator(features_t, size_t)                      # (B, 2C, H, W) fp32
             adv = self.lambda_adv * domain_cross_entropy(d_t, encoding_t, domain=0)
             scaler.scale(adv).backward()
             self.discriminator.requires_grad_(True)

@@ -40,14 +40,14 @@ How the N x N maths is computed (exact, in fp32 under any autocast). A softmax i
 added to its row and so does the std, so the mean in sigma drops out and
     max_j log sigma(r)_j = -log sum_j exp((r_j - max(r)) / (std(r) + eps)),
 and -KL(p_i || q_j) = p_i . log(q_j + eps) + (a constant of row i). Every similarity is therefore a
-product S = a b^T of two thin factors (cosine: D columns; -KL: C). `BestLinks` reads S in row blocks
+product S = a b^T of two thin factors of E columns (cosine: E = D; -KL: E = C). `BestLinks` reads S in row blocks
 and returns the best log sigma and its index per row and, for the cosine level, per column (S' = S^T:
 one product serves both directions); `Aggregate` computes W c the same way. Their backward passes
-rebuild each block's softmax from saved row (and column) statistics: nothing of size N x N x K is
+rebuild each block's softmax from saved row (and column) statistics: nothing of size N x N x E is
 formed. --plca-chunk 0 keeps the cosine level's S and W for the backward, so no product of D columns
 is computed twice; --plca-chunk R keeps no N x N matrix and recomputes R-row blocks instead (exact,
-less memory, slower). --plca-max-pixels K associates a random subset of K pixels per image, drawn from the method's
-generator (approximate; the official USE_CROP trick is similar).
+less memory, slower). --plca-max-pixels n associates a random subset of n pixels per image, drawn from the
+method's generator (approximate; the official USE_CROP trick is similar).
 
 Test-time aggregation (official tools/test.py, TEST.WITH_AGGREGATION=True in the test configs):
 F~ = (1 - a) F + a agg_cos(F); p = softmax(classifier(F~)); p~ = (1 - a) p + a agg_KL(p); argmax of
@@ -157,7 +157,7 @@ def product_rows(a, b, full):
     """Rows [s, e) of S = a b^T: a slice of `full` when it is kept, else recomputed. -> fn(s, e)."""
     if full is not None:
         return lambda s, e: full[s:e]
-    return lambda s, e: a[s:e] @ b.t()          # (R, K) @ (K, M)
+    return lambda s, e: a[s:e] @ b.t()          # (R, E) @ (E, M)
 
 
 def exp_scaled(block, top, scale, shift=None):
@@ -167,7 +167,7 @@ def exp_scaled(block, top, scale, shift=None):
 
 
 class BestLinks(torch.autograd.Function):
-    """Best links under sigma of S = a b^T (a (N, K), b (M, K)), per row and optionally per column.
+    """Best links under sigma of S = a b^T (a (N, E), b (M, E)), per row and optionally per column.
 
     forward(a, b, chunk, store, columns) -> (best (N,), index (N,)[, best_col (M,), index_col (M,)]):
     best_i = max_j log sigma(S_i.)_j = -log sum_j exp((S_ij - max_j S_ij) / s_i), s_i = std_j S_ij + eps,
@@ -219,8 +219,8 @@ class BestLinks(torch.autograd.Function):
                 grad.sub_(exp_scaled(rows, col_top, col_scale, col_best).mul_(cols_coef))  # column softmax
                 hit = ((col_index >= s) & (col_index < e)).nonzero().squeeze(1)   # columns whose best row is here
                 grad.index_put_((col_index[hit] - s, hit), cols_coef[hit], accumulate=True)
-            grad_a[s:e] = grad @ b                           # (R, M) @ (M, K)
-            grad_b.addmm_(grad.t(), a[s:e])                  # (M, R) @ (R, K)
+            grad_a[s:e] = grad @ b                           # (R, M) @ (M, E)
+            grad_b.addmm_(grad.t(), a[s:e])                  # (M, R) @ (R, E)
         return grad_a, grad_b, None, None, None
 
 
@@ -264,7 +264,7 @@ class ColumnStats:
 
 
 class Aggregate(torch.autograd.Function):
-    """out = W c, W = softmax_rows(S / t), S = a b^T (a (N, K), b (M, K), c (M, Dc)); t_i = std_j S_ij + eps
+    """out = W c, W = softmax_rows(S / t), S = a b^T (a (N, E), b (M, E), c (M, Dc)); t_i = std_j S_ij + eps
     with zscore (= sigma_rows(S), the mean drops out of a softmax), else 1. -> (N, Dc).
 
     store keeps W for the backward (one N x M matrix); otherwise each block of W is recomputed from S.
@@ -313,11 +313,11 @@ class Aggregate(torch.autograd.Function):
                 grad_s = torch.matmul(grad_out[s:e], c.t(), out=grad_full[s:e])
             grad_s.sub_(dot[s:e]).mul_(w).div_(scale[s:e, None])   # (R, M)
             if grad_full is None:
-                grad_a[s:e] = grad_s @ b                     # (R, M) @ (M, K)
-                grad_b.addmm_(grad_s.t(), a[s:e])            # (M, R) @ (R, K)
+                grad_a[s:e] = grad_s @ b                     # (R, M) @ (M, E)
+                grad_b.addmm_(grad_s.t(), a[s:e])            # (M, R) @ (R, E)
         if grad_full is not None:
             for s, e in blocks:
-                grad_a[s:e] = (grad_full[s:e] + grad_full[:, s:e].t()) @ b   # (R, N) @ (N, K)
+                grad_a[s:e] = (grad_full[s:e] + grad_full[:, s:e].t()) @ b   # (R, N) @ (N, E)
             grad_b = None
         return grad_a, grad_b, grad_c, None, None, None
 
@@ -401,8 +401,8 @@ def subsample(n, k, generator, device):
 def association_loss(pair_terms, source_maps, target_maps, labels, max_pixels=0, generator=None):
     """Mean of the kept per-pixel losses over every pair of the batch (official: one BCE over all).
 
-    source_maps: (B, K, h, w), target_maps: (B, K, h', w'), labels: (B, h, w) int64 at the map size;
-    pair_terms(src (N_s, K), tgt (N_t, K), labels (N_s,)) -> (nll, keep). Associations are per pair
+    source_maps: (B, E, h, w), target_maps: (B, E, h', w'), labels: (B, h, w) int64 at the map size;
+    pair_terms(src (N_s, E), tgt (N_t, E), labels (N_s,)) -> (nll, keep). Associations are per pair
     b (source b with target b), computed in fp32 even under autocast. 0 (with a graph) if none kept.
     max_pixels > 0 associates that many random pixels per image, drawn from the CPU `generator`.
     """
@@ -411,8 +411,8 @@ def association_loss(pair_terms, source_maps, target_maps, labels, max_pixels=0,
     nlls, keeps = [], []
     with no_autocast(source_maps.device):
         for b in range(source_maps.shape[0]):  # one pair at a time: the N x N matrices are per pair
-            src = fp32(source_maps[b]).flatten(1).t()         # (N_s, K)
-            tgt = fp32(target_maps[b]).flatten(1).t()         # (N_t, K)
+            src = fp32(source_maps[b]).flatten(1).t()         # (N_s, E)
+            tgt = fp32(target_maps[b]).flatten(1).t()         # (N_t, E)
             lab = labels[b].reshape(-1)                       # (N_s,)
             s_idx = subsample(src.shape[0], max_pixels, generator, src.device)
             t_idx = subsample(tgt.shape[0], max_pixels, generator, tgt.device)

@@ -73,13 +73,6 @@ class _ClassCounts(torch.utils.data.Dataset):
         return torch.from_numpy(counts.astype(np.int64))
 
 
-def _comm_device():
-    """Collectives on NCCL need CUDA tensors; gloo and single-process runs use the CPU."""
-    if common.is_distributed() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _load_cache(path, names, num_classes):
     if not path or not os.path.isfile(path):
         return None
@@ -109,7 +102,7 @@ def compute_class_counts(dataset, num_classes, workers=0, log=None):
         done += len(batch)
         if log and (done // 16) % 100 == 0:
             log(f"class statistics: {done}/{len(indices)} images on this rank")
-    return common.all_reduce_sum(counts.to(_comm_device())).cpu().numpy()
+    return common.all_reduce_sum(counts.to(common.comm_device())).cpu().numpy()
 
 
 def class_statistics(dataset, num_classes, cache_path=None, workers=0):
@@ -119,7 +112,7 @@ def class_statistics(dataset, num_classes, cache_path=None, workers=0):
     computation is summed), so every rank holds the same statistics even without a shared filesystem.
     """
     names = [dataset.item_name(i) for i in range(len(dataset))]
-    device = _comm_device()
+    device = common.comm_device()
     counts = _load_cache(cache_path, names, num_classes) if common.is_main_process() else None
     found = common.all_reduce_sum(torch.tensor([counts is not None], dtype=torch.int64, device=device))
     if found.item():
