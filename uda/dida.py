@@ -10,7 +10,9 @@ al., "SimMatch: Semi-supervised Learning with Similarity Matching", CVPR 2022, a
 simmatch.py). The base (EMA teacher, pseudo-labels, ClassMix, feature distance, recipe) is DAFormer's:
 its pure functions come from uda/daformer.py, its objective L_daformer = L_src + lambda_fd L_fd +
 lambda_mix L_mix (the --daformer-... flags) is kept unchanged, and `DIDA.train_step` writes the whole
-iteration out.
+iteration out, steps 1-5 in order (step 1, the teacher part of step 2 and L_ins are named methods). With
+`--dida-lambda-ins 0 --dida-gather-alpha 1 --dida-weak-view clean` it takes exactly DAFormer's step
+(tests/test_dida.py checks it).
 
 Symbols: e(.) the model's features (DAFormer head: fused 256-d map at stride 4, >= 0 after BN-ReLU);
 U(.) bilinear upsampling to the H x W crop (--align-corners, False as mmseg); bank entries f_k in R^D with
@@ -334,28 +336,9 @@ class DIDA:
         size, align_corners = tuple(ys.shape[-2:]), args.align_corners
         self.optimizer.zero_grad(set_to_none=True)
         daformer.ema_update(self.teacher, model, it, args.daformer_ema_alpha)
-        logged = {}
 
-        # 1. source: DAFormer's CE (+ feature distance); its detached features fill / update the bank
-        with env.autocast():
-            if self.fd_model is None:
-                features_s, logits_s = model(xs)
-            else:  # the deepest encoder map of the same forward, for the feature distance
-                features_s, logits_s, encoder_s = model(xs, with_encoder=True)
-                with torch.no_grad():
-                    encoder_frozen = self.fd_model.encoder_features(xs)
-        loss_src = daformer.weighted_cross_entropy(upsample(logits_s, size, align_corners), ys)
-        logged["src"] = loss_src.detach()
-        loss = loss_src
-        if self.fd_model is not None:
-            things = daformer.fd_mask(ys, encoder_s.shape[-2:], self.thing_indices, args.daformer_fd_min_ratio,
-                                      self.num_classes)                      # (B, h, w)
-            loss_fd = daformer.feature_distance(encoder_s, encoder_frozen, things)
-            loss = loss + args.daformer_lambda_fd * loss_fd
-            logged["fd"] = loss_fd.detach()
-        self.update_bank(features_s.detach(), ys, it)
-        env.scaler.scale(loss).backward()
-        del features_s, logits_s, loss
+        # 1. source: DAFormer's CE (+ feature distance), backward; its detached features fill / update the bank
+        logged = self.source_step(xs, ys, size, it)
         if args.daformer_lambda_mix == 0 and args.dida_lambda_ins == 0:  # no target term: steps 2-5 skipped
             optimizer_step(self.optimizer, env.scaler)
             logged["bank_filled"] = self.bank.filled.float().mean()
@@ -364,19 +347,8 @@ class DIDA:
         bank, bank_labels = self.bank.entries()                              # (K', D), (K',)
         use_bank = bank_labels.numel() > 0 and (args.dida_lambda_ins > 0 or self.alpha < 1)
         with torch.no_grad():
-            # 2. teacher on the weak view: class probabilities P and bank similarities s (or q^w)
-            weak = xt
-            if self.photometric_weak_view:
-                weak = dacs_strong_augment(xt, args.daformer_jitter_strength, args.daformer_jitter_prob,
-                                           args.daformer_blur_prob, self.generator)
-            with env.autocast():
-                features_t, logits_t = self.teacher(weak)
-            probs = torch.softmax(upsample(logits_t.float(), size, align_corners), dim=1)  # (B, C, H, W) fp32
-            sim_teacher = None
-            if use_bank:
-                sim_teacher = self.similarity(features_t, bank, size)        # (B, H, W, K')
-                if not self.released:
-                    sim_teacher = torch.softmax(sim_teacher, dim=-1)         # q^w: the gather and the target
+            # 2. teacher on the weak view: class probabilities P and bank similarities s (or q^w; None: no bank)
+            probs, sim_teacher = self.teacher_predictions(xt, bank if use_bank else None, size)
 
             # 3. gather K -> C: DAFormer's pseudo-labels from P~
             refined = probs
@@ -407,13 +379,7 @@ class DIDA:
             if sim_teacher is None:  # nothing labelled yet (an all-ignore first batch): no instance term
                 logged["ins"] = torch.zeros((), device=env.device)
             else:
-                sim_student = self.similarity(features_m, bank, size)        # (B, H, W, K')
-                if self.released:
-                    calib = upsample(logits_m.detach().float(), size, align_corners) if args.dida_calibrate else None
-                    loss_ins = released_instance_loss(sim_teacher, sim_student, calib, bank_labels)
-                else:
-                    calib = probs if args.dida_calibrate else None
-                    loss_ins = simmatch_instance_loss(sim_teacher, sim_student, calib, bank_labels, ~mask)
+                loss_ins = self.instance_loss(sim_teacher, features_m, logits_m, probs, bank, bank_labels, ~mask)
                 weighted_ins = args.dida_lambda_ins * loss_ins
                 loss = weighted_ins if loss is None else loss + weighted_ins
                 logged["ins"] = loss_ins.detach()
@@ -422,6 +388,58 @@ class DIDA:
         optimizer_step(self.optimizer, env.scaler)
         logged["bank_filled"] = self.bank.filled.float().mean()
         return logged
+
+    def source_step(self, xs, ys, size, it):
+        """Step 1: DAFormer's supervised loss on the source batch (+ the thing-class feature distance),
+        backward now (frees the source graph before mixing); the student's detached source features fill
+        and update the bank. Returns the logged terms."""
+        args, env, model = self.args, self.env, self.model
+        with env.autocast():
+            if self.fd_model is None:
+                features_s, logits_s = model(xs)
+            else:  # the deepest encoder map of the same forward, for the feature distance
+                features_s, logits_s, encoder_s = model(xs, with_encoder=True)
+                with torch.no_grad():
+                    encoder_frozen = self.fd_model.encoder_features(xs)
+        loss_src = daformer.weighted_cross_entropy(upsample(logits_s, size, args.align_corners), ys)
+        logged = {"src": loss_src.detach()}
+        loss = loss_src
+        if self.fd_model is not None:
+            things = daformer.fd_mask(ys, encoder_s.shape[-2:], self.thing_indices, args.daformer_fd_min_ratio,
+                                      self.num_classes)                      # (B, h, w)
+            loss_fd = daformer.feature_distance(encoder_s, encoder_frozen, things)
+            loss = loss + args.daformer_lambda_fd * loss_fd
+            logged["fd"] = loss_fd.detach()
+        self.update_bank(features_s.detach(), ys, it)
+        env.scaler.scale(loss).backward()
+        return logged
+
+    def teacher_predictions(self, xt, bank, size):
+        """Step 2 (no grad): the teacher on the weak target view. Returns its upsampled class probabilities
+        P (B, C, H, W) fp32 and its bank similarities (B, H, W, K'): raw s (released) or q^w = softmax(s / T)
+        (simmatch), or None when `bank` is None."""
+        weak = xt
+        if self.photometric_weak_view:
+            weak = dacs_strong_augment(xt, self.args.daformer_jitter_strength, self.args.daformer_jitter_prob,
+                                       self.args.daformer_blur_prob, self.generator)
+        with self.env.autocast():
+            features_t, logits_t = self.teacher(weak)
+        probs = torch.softmax(upsample(logits_t.float(), size, self.args.align_corners), dim=1)  # (B, C, H, W)
+        if bank is None:
+            return probs, None
+        sim_teacher = self.similarity(features_t, bank, size)                # (B, H, W, K')
+        return probs, sim_teacher if self.released else torch.softmax(sim_teacher, dim=-1)
+
+    def instance_loss(self, sim_teacher, features_m, logits_m, probs, bank, bank_labels, not_pasted):
+        """Step 5's L_ins: scatter the teacher's instance evidence (calibrated by class evidence) onto the
+        student's similarities on the mixed image. not_pasted: (B, H, W) bool, False on pasted source pixels."""
+        sim_student = self.similarity(features_m, bank, probs.shape[-2:])    # (B, H, W, K')
+        if self.released:
+            calib = upsample(logits_m.detach().float(), probs.shape[-2:], self.args.align_corners) \
+                if self.args.dida_calibrate else None
+            return released_instance_loss(sim_teacher, sim_student, calib, bank_labels)
+        calib = probs if self.args.dida_calibrate else None
+        return simmatch_instance_loss(sim_teacher, sim_student, calib, bank_labels, not_pasted)
 
     def state_dict(self):
         state = {"optimizer": self.optimizer.state_dict(), "teacher": self.teacher.state_dict(),
