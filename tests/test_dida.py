@@ -1,7 +1,6 @@
 """DIDA: bank statistics, both instance-loss modes against per-pixel loops, the stride-4 similarity,
 cross-level interaction, the method's own random generator, DAFormer's exact step under DIDA's control
-flags, a smoke run with exact resume independent of
---eval-every, and fp32 similarities under autocast."""
+flags, a smoke run with exact resume independent of --eval-every, and fp32 similarities under autocast."""
 import math
 
 import pytest
