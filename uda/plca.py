@@ -40,14 +40,16 @@ How the N x N maths is computed (exact, in fp32 under any autocast). A softmax i
 added to its row and so does the std, so the mean in sigma drops out and
     max_j log sigma(r)_j = -log sum_j exp((r_j - max(r)) / (std(r) + eps)),
 and -KL(p_i || q_j) = p_i . log(q_j + eps) + (a constant of row i). Every similarity is therefore a
-product S = a b^T of two thin factors of E columns (cosine: E = D; -KL: E = C). `BestLinks` reads S in row blocks
-and returns the best log sigma and its index per row and, for the cosine level, per column (S' = S^T:
-one product serves both directions); `Aggregate` computes W c the same way. Their backward passes
-rebuild each block's softmax from saved row (and column) statistics: nothing of size N x N x E is
-formed. --plca-chunk 0 keeps the cosine level's S and W for the backward, so no product of D columns
-is computed twice; --plca-chunk R keeps no N x N matrix and recomputes R-row blocks instead (exact,
-less memory, slower). --plca-max-pixels n associates a random subset of n pixels per image, drawn from the
-method's generator (approximate; the official USE_CROP trick is similar).
+product S = a b^T of two thin factors of E columns (cosine: E = D; -KL: E = C). `BestLinks` reads S in
+row blocks and returns the best log sigma and its index per row and, for the cosine level, per column
+(S' = S^T: one product serves both directions); `Aggregate` computes W c the same way. Their backward
+passes rebuild each block's softmax from saved row (and column) statistics: nothing of size N x N x E is
+formed. --plca-chunk 0 keeps the cosine level's S and W for the backward, so no product of D columns is
+computed twice; --plca-chunk R keeps no N x N matrix and recomputes R-row blocks instead (exact, less
+memory, slower). --plca-max-pixels n associates a random subset of n pixels per image, drawn from the
+method's generator (approximate; the official USE_CROP trick is similar). The file reads as the
+iteration: the losses, the test-time aggregation and the method first, then the custom autograd
+functions `BestLinks` and `Aggregate` in the last section.
 
 Test-time aggregation (official tools/test.py, TEST.WITH_AGGREGATION=True in the test configs):
 F~ = (1 - a) F + a agg_cos(F); p = softmax(classifier(F~)); p~ = (1 - a) p + a agg_KL(p); argmax of
@@ -94,8 +96,7 @@ GENERATOR_STREAM = 7    # this method's stream of common.method_generator
 
 
 # --------------------------------------------------------------------------------------------------
-# Precision helpers, and the plain definitions (N x M at once) that the blocked functions below
-# compute (the tests compare the two)
+# Precision helpers
 # --------------------------------------------------------------------------------------------------
 def fp32(x):
     """Half-precision tensors to fp32 (statistics, softmaxes over ~8k columns and logs need it);
@@ -108,6 +109,275 @@ def no_autocast(device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+# --------------------------------------------------------------------------------------------------
+# Losses: pure functions of tensors
+# --------------------------------------------------------------------------------------------------
+def aggregate_features(v, alpha, chunk=0):
+    """v~ = (1 - alpha) v + alpha sigma_rows(cos(v, v)) v.  v: (N, D) -> (N, D) fp32."""
+    v = fp32(v)
+    if alpha == 0:
+        return v
+    unit = F.normalize(v, dim=1)                                              # (N, D)
+    return (1.0 - alpha) * v + alpha * Aggregate.apply(unit, unit, v, chunk, chunk <= 0, True)
+
+
+def aggregate_probs(p, alpha, chunk=0):
+    """p~ = (1 - alpha) p + alpha softmax_rows(-KL(p_j || p_j')) p (no z-scoring, as official).
+
+    p: (N, C) probabilities -> (N, C); rows of the result still sum to one. -KL(p_j || p_j') enters as
+    p_j . log(p_j' + eps): the entropy term is a constant of row j. W is cheap to recompute (C columns
+    per product), so it is never kept.
+    """
+    p = fp32(p)
+    if alpha == 0:
+        return p
+    return (1.0 - alpha) * p + alpha * Aggregate.apply(p, torch.log(p + KL_EPS), p, chunk, False, False)
+
+
+def cycle_terms(log_a, j_star, log_a_back, i_back, labels):
+    """Per-source-pixel loss and keep mask of the source -> target -> source cycle of one pair.
+
+    log_a, j_star (N_s,): best log A_ij and its j; log_a_back, i_back (N_t,): best log A'_ji' and its i';
+    labels (N_s,) int64, 255 = ignore. Returns nll (N_s,) = min(-log A_{i j*} - log A'_{j* i*}, 100)
+    and keep (N_s,) bool.
+    """
+    i_star = i_back[j_star]                                               # (N_s,)
+    keep = (labels != IGNORE_INDEX) & (labels[i_star] == labels)          # (N_s,)
+    nll = (-(log_a + log_a_back[j_star])).clamp(max=NLL_CLAMP)            # (N_s,)
+    return nll, keep
+
+
+def check_pair(src, tgt, labels):
+    assert src.dim() == 2 and tgt.dim() == 2 and src.shape[1] == tgt.shape[1], (src.shape, tgt.shape)
+    assert labels.shape == (src.shape[0],), (labels.shape, src.shape)
+
+
+def feature_association(u, v, labels, alpha, chunk=0):
+    """L_fass terms of one pair. u: (N_s, D) source, v: (N_t, D) target, labels: (N_s,) -> (nll, keep).
+
+    One product S = cos(u, v~) gives both directions: A from its rows, A' (rows of S^T) from its columns.
+    """
+    check_pair(u, v, labels)
+    target = aggregate_features(v, alpha, chunk)                              # (N_t, D)
+    links = BestLinks.apply(F.normalize(fp32(u), dim=1), F.normalize(target, dim=1), chunk, chunk <= 0, True)
+    return cycle_terms(*links, labels)
+
+
+def classifier_association(p_s, p_t, labels, alpha, chunk=0):
+    """L_cass terms of one pair. p_s: (N_s, C), p_t: (N_t, C) probabilities, labels: (N_s,) -> (nll, keep).
+
+    S_ij = -KL(p_i || q_j) and S'_ji = -KL(q_j || p_i) are different matrices, each a C-column product
+    up to a constant per row (which sigma ignores); cheap to recompute, so never kept.
+    """
+    check_pair(p_s, p_t, labels)
+    p_s = fp32(p_s)
+    q = aggregate_probs(p_t, alpha, chunk)                                    # (N_t, C)
+    log_a, j_star = BestLinks.apply(p_s, torch.log(q + KL_EPS), chunk, False, False)        # rows of S
+    log_a_back, i_back = BestLinks.apply(q, torch.log(p_s + KL_EPS), chunk, False, False)   # rows of S'
+    return cycle_terms(log_a, j_star, log_a_back, i_back, labels)
+
+
+def subsample(n, k, generator, device):
+    """k random indices out of n drawn from `generator` (all n, in order, when k <= 0 or k >= n)."""
+    if k <= 0 or k >= n:
+        return torch.arange(n, device=device)
+    assert generator is not None, "subsampling draws from the method's generator, never the global RNG"
+    return torch.randperm(n, generator=generator)[:k].to(device)
+
+
+def association_loss(pair_terms, source_maps, target_maps, labels, max_pixels=0, generator=None, **options):
+    """Mean of the kept per-pixel losses over every pair of the batch (official: one BCE over all).
+
+    source_maps: (B, E, h, w), target_maps: (B, E, h', w'), labels: (B, h, w) int64 at the map size;
+    pair_terms(src (N_s, E), tgt (N_t, E), labels (N_s,), **options) -> (nll, keep): feature_association
+    or classifier_association, options their alpha and chunk. Associations are per pair b (source b with
+    target b), computed in fp32 even under autocast. 0 (with a graph) if none kept.
+    max_pixels > 0 associates that many random pixels per image, drawn from the CPU `generator`.
+    """
+    assert source_maps.dim() == 4 and target_maps.shape[:2] == source_maps.shape[:2]
+    assert labels.shape == (source_maps.shape[0],) + source_maps.shape[2:], (labels.shape, source_maps.shape)
+    nlls, keeps = [], []
+    with no_autocast(source_maps.device):
+        for b in range(source_maps.shape[0]):  # one pair at a time: the N x N matrices are per pair
+            src = fp32(source_maps[b]).flatten(1).t()         # (N_s, E)
+            tgt = fp32(target_maps[b]).flatten(1).t()         # (N_t, E)
+            lab = labels[b].reshape(-1)                       # (N_s,)
+            s_idx = subsample(src.shape[0], max_pixels, generator, src.device)
+            t_idx = subsample(tgt.shape[0], max_pixels, generator, tgt.device)
+            nll, keep = pair_terms(src[s_idx], tgt[t_idx], lab[s_idx], **options)
+            nlls.append(nll)
+            keeps.append(keep)
+        nll, keep = torch.cat(nlls), torch.cat(keeps)         # (sum N_s,)
+        if not keep.any():
+            return nll.sum() * 0.0
+        return nll[keep].mean()
+
+
+def lsr_loss(logits, tau):
+    """LSR: mean over pixels of stopgrad(l / tau - 1) * l, l = -(1/C) sum_c log_softmax(logits)_c.
+
+    logits: (B, C, h, w) -> scalar fp32. d/dlogits = mean_pixels[(l - tau) / tau * dl].
+    """
+    assert logits.dim() == 4
+    with no_autocast(logits.device):
+        l = -torch.log_softmax(fp32(logits), dim=1).mean(1)   # (B, h, w): CE to the uniform distribution
+        return ((l / tau - 1.0).detach() * l).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Test-time aggregation (called by uda/evaluation.py)
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def aggregate_predict(model, images, autocast=nullcontext, alpha=TTA_ALPHA, chunk=0):
+    """PLCA's test-time prediction: (B, C, h, w) fp32 probabilities at the model's output stride.
+
+    F~ = (1 - alpha) F + alpha agg_cos(F) over all positions of each image; p = softmax(classifier(F~));
+    p~ = (1 - alpha) p + alpha agg_KL(p). Needs `model.classifier` (the head mapping features to
+    logits; DeepLab and tiny have it). images: (B, 3, H, W) as the model takes them.
+    """
+    classifier = getattr(model, "classifier", None)
+    if classifier is None:
+        raise UserError(f"--tta-aggregate: {type(model).__name__} has no .classifier head to re-apply "
+                        f"to aggregated features (use --tta-aggregate off)")
+    with autocast():
+        features, _ = model(images)                                    # (B, D, h, w)
+    batch, dim, h, w = features.shape
+    out = []
+    for b in range(batch):
+        with no_autocast(features.device):
+            feats = aggregate_features(features[b].flatten(1).t(), alpha, chunk)  # (N, D)
+        feats = feats.t().reshape(1, dim, h, w)                                   # (1, D, h, w)
+        with autocast():
+            logits = classifier(feats)                                            # (1, C, h, w)
+        with no_autocast(features.device):
+            probs = torch.softmax(fp32(logits), 1)[0].flatten(1).t()             # (N, C)
+            probs = aggregate_probs(probs, alpha, chunk)                          # (N, C)
+        out.append(probs.t().reshape(-1, h, w))                                  # (C, h, w)
+    return torch.stack(out)                                                       # (B, C, h, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------------
+RECIPE = {
+    "lr": 2.5e-4,                         # experiments/config/g2c_train.yaml, s2c_train.yaml: BASE_LR
+    "head_lr_mult": 1.0,                  # LR_MULT 1.0: the classifier at the backbone's LR (config.py: 10)
+    "momentum": 0.9,                      # config.py TRAIN.MOMENTUM
+    "weight_decay": 5e-4,                 # WEIGHT_DECAY 0.0005, on every parameter
+    "poly_power": 0.9,                    # POLY.POWER
+    "iters": 11160,                       # GTA5: POLY.MAX_EPOCHS 30 x 372 steps (2975 targets / (2 x 2 x 2))
+    "stop_iter": 10416,                   # GTA5: TRAIN.MAX_EPOCHS 28 (SYNTHIA: --iters 3720 --stop-iter 2976)
+    "batch_size": 4,                      # per GPU: TRAIN_BATCH_SIZE 4 / 2 GPUs = 2 pairs x ITER_SIZE 2
+    "bn": "train",                        # plain BatchNorm, SyncBN under DDP (tools/train.py), FREEZE_BN False
+    "backbone": "deeplabv2-r101-caffe",   # model/segmentation/deeplabv2.py: Caffe-style ResNet-101
+    "crop": "730x730",                    # DATA_TRANSFORM.CROPSIZE 730 (RandomCrop, label padded with 255)
+    "source_size": "1383x760",            # LOADSIZE 760: GTA5's 1914x1052 at a 760 short side
+    "target_size": "1520x760",            # LOADSIZE 760: Cityscapes' 2048x1024 at a 760 short side
+    "random_scale": [1.0, 1.3],           # tools/train.py RandomResize(760, int(1.3 x 760) = 988)
+    "lovasz_weight": 1.5,                 # LOV_W 0.75 x ITER_SIZE 2 (see Deviations)
+    "align_corners": False,               # solver/solver.py: F.interpolate(..., align_corners=False)
+}
+
+
+class PLCA:
+    """Source supervision + feature- and classifier-level cycle association + LSR, one SGD optimizer."""
+
+    needs_target = True
+
+    def __init__(self, model, args, env):
+        if args.batch_size % args.plca_iter_size:
+            raise UserError(f"--plca-iter-size {args.plca_iter_size}: must divide --batch-size {args.batch_size}")
+        if args.plca_max_pixels == 1:
+            raise UserError("--plca-max-pixels 1: need at least 2 pixels per image (or 0 for all)")
+        self.model, self.env = model, env
+        self.lovasz_weight, self.align_corners = args.lovasz_weight, args.align_corners
+        self.lambda_fass, self.lambda_cass, self.lambda_lsr = (args.plca_lambda_fass, args.plca_lambda_cass,
+                                                                args.plca_lambda_lsr)
+        self.lsr_tau, self.agg_alpha, self.iter_size = args.plca_lsr_tau, args.plca_agg_alpha, args.plca_iter_size
+        self.chunk, self.max_pixels = args.plca_chunk, args.plca_max_pixels
+        self.generator = method_generator(args.seed, GENERATOR_STREAM)  # --plca-max-pixels subsets
+        self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
+        self.optimizers = [self.optimizer]
+
+    def losses(self, source_image, source_label, target_image):
+        """Every logged loss term of one micro-batch (dict of scalars) and the weighted total."""
+        with self.env.autocast():
+            # target first, then source, each its own forward (separate BN batch statistics, as official)
+            feat_t, logits_t = self.model(target_image)   # (B, D, h, w), (B, C, h, w)
+            feat_s, logits_s = self.model(source_image)
+        ce, lovasz = supervised_loss(logits_s, source_label, self.lovasz_weight, self.align_corners)
+        small_label = downsample_labels(source_label, feat_s.shape[-2:])   # (B, h, w)
+        terms = {"ce": ce, "lovasz": lovasz} if self.lovasz_weight else {"ce": ce}
+        if self.lambda_fass:
+            terms["fass"] = association_loss(feature_association, feat_s, feat_t, small_label, self.max_pixels,
+                                             self.generator, alpha=self.agg_alpha, chunk=self.chunk)
+        if self.lambda_cass:
+            probs_s, probs_t = torch.softmax(fp32(logits_s), 1), torch.softmax(fp32(logits_t), 1)  # (B, C, h, w)
+            terms["cass"] = association_loss(classifier_association, probs_s, probs_t, small_label, self.max_pixels,
+                                             self.generator, alpha=self.agg_alpha, chunk=self.chunk)
+        if self.lambda_lsr:
+            terms["lsr_s"], terms["lsr_t"] = lsr_loss(logits_s, self.lsr_tau), lsr_loss(logits_t, self.lsr_tau)
+        total = (ce + self.lovasz_weight * lovasz + self.lambda_fass * terms.get("fass", 0.0)
+                 + self.lambda_cass * terms.get("cass", 0.0)
+                 + self.lambda_lsr * (terms.get("lsr_s", 0.0) + terms.get("lsr_t", 0.0)))
+        return terms, total
+
+    def train_step(self, source, target, it):
+        """One optimizer step over --plca-iter-size micro-batches; returns the loss terms averaged over them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        n = self.iter_size
+        parts = zip(source["image"].chunk(n), source["label"].chunk(n), target["image"].chunk(n))
+        logged = {}
+        for source_image, source_label, target_image in parts:
+            terms, total = self.losses(source_image, source_label, target_image)
+            self.env.scaler.scale(total / n).backward()   # gradients of the mean over micro-batches
+            for name, value in terms.items():
+                logged[name] = logged.get(name, 0.0) + value.detach() / n
+        optimizer_step(self.optimizer, self.env.scaler)
+        return logged
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("plca")
+    group.add_argument("--plca-lambda-fass", type=common.nonnegative_float, default=0.1,
+                       help="lambda_fass: feature-level (layer4, cosine) association loss (official ASSO_W)")
+    group.add_argument("--plca-lambda-cass", type=common.nonnegative_float, default=0.1,
+                       help="lambda_cass: classifier-level (probabilities, -KL) association loss (official "
+                            "ASSO_W; 0 = feature level only)")
+    group.add_argument("--plca-lambda-lsr", type=common.nonnegative_float, default=0.01,
+                       help="lambda_lsr: weight of LSR on each domain (official LSR_W)")
+    group.add_argument("--plca-lsr-tau", type=common.nonnegative_float, default=10.0,
+                       help="tau of LSR: the mean -log p it pulls towards (official LSR_THRES)")
+    group.add_argument("--plca-agg-alpha", type=common.fraction_below_one, default=0.5,
+                       help="alpha of the target spatial aggregation in training, in [0, 1) (official "
+                            "SPAGG_ALPHA; 0 = no aggregation)")
+    group.add_argument("--plca-chunk", type=common.nonnegative_int, default=0,
+                       help="keep no N x N matrix for the backward: recompute the association this many rows "
+                            "at a time (exact, less memory, slower); 0 = keep the feature level's two")
+    group.add_argument("--plca-max-pixels", type=common.nonnegative_int, default=0,
+                       help="associate a random subset of this many pixels per image (approximate, less "
+                            "memory); 0 = every pixel (faithful)")
+    group.add_argument("--plca-iter-size", type=common.positive_int, default=1,
+                       help="micro-batches per optimizer step, each forwarded separately (official "
+                            "ITER_SIZE = 2 with 2 pairs per GPU); must divide --batch-size")
+
+
+Method = PLCA
+
+
+# ==================================================================================================
+# Custom autograd functions: the N x N association maths in row blocks, with hand-written backward
+# passes. The losses above call only BestLinks.apply and Aggregate.apply; this section makes them
+# exact in fp32 without keeping N x N x E tensors. First the plain definitions (N x M at once) that
+# the blocked functions compute (the tests compare the two), then the blocks.
+# ==================================================================================================
 def zscore_rows(scores):
     """(r - mean(r)) / (std(r) + eps) per row with DETACHED mean and unbiased std: an adaptive per-row
     temperature, not part of the objective (official `scoring`). scores: (N, M), M >= 2 -> (N, M) fp32."""
@@ -320,269 +590,3 @@ class Aggregate(torch.autograd.Function):
                 grad_a[s:e] = (grad_full[s:e] + grad_full[:, s:e].t()) @ b   # (R, N) @ (N, E)
             grad_b = None
         return grad_a, grad_b, grad_c, None, None, None
-
-
-# --------------------------------------------------------------------------------------------------
-# Losses: pure functions of tensors
-# --------------------------------------------------------------------------------------------------
-def aggregate_features(v, alpha, chunk=0):
-    """v~ = (1 - alpha) v + alpha sigma_rows(cos(v, v)) v.  v: (N, D) -> (N, D) fp32."""
-    v = fp32(v)
-    if alpha == 0:
-        return v
-    unit = F.normalize(v, dim=1)                                              # (N, D)
-    return (1.0 - alpha) * v + alpha * Aggregate.apply(unit, unit, v, chunk, chunk <= 0, True)
-
-
-def aggregate_probs(p, alpha, chunk=0):
-    """p~ = (1 - alpha) p + alpha softmax_rows(-KL(p_j || p_j')) p (no z-scoring, as official).
-
-    p: (N, C) probabilities -> (N, C); rows of the result still sum to one. -KL(p_j || p_j') enters as
-    p_j . log(p_j' + eps): the entropy term is a constant of row j. W is cheap to recompute (C columns
-    per product), so it is never kept.
-    """
-    p = fp32(p)
-    if alpha == 0:
-        return p
-    return (1.0 - alpha) * p + alpha * Aggregate.apply(p, torch.log(p + KL_EPS), p, chunk, False, False)
-
-
-def cycle_terms(log_a, j_star, log_a_back, i_back, labels):
-    """Per-source-pixel loss and keep mask of the source -> target -> source cycle of one pair.
-
-    log_a, j_star (N_s,): best log A_ij and its j; log_a_back, i_back (N_t,): best log A'_ji' and its i';
-    labels (N_s,) int64, 255 = ignore. Returns nll (N_s,) = min(-log A_{i j*} - log A'_{j* i*}, 100)
-    and keep (N_s,) bool.
-    """
-    i_star = i_back[j_star]                                               # (N_s,)
-    keep = (labels != IGNORE_INDEX) & (labels[i_star] == labels)          # (N_s,)
-    nll = (-(log_a + log_a_back[j_star])).clamp(max=NLL_CLAMP)            # (N_s,)
-    return nll, keep
-
-
-def check_pair(src, tgt, labels):
-    assert src.dim() == 2 and tgt.dim() == 2 and src.shape[1] == tgt.shape[1], (src.shape, tgt.shape)
-    assert labels.shape == (src.shape[0],), (labels.shape, src.shape)
-
-
-def feature_association(u, v, labels, alpha, chunk=0):
-    """L_fass terms of one pair. u: (N_s, D) source, v: (N_t, D) target, labels: (N_s,) -> (nll, keep).
-
-    One product S = cos(u, v~) gives both directions: A from its rows, A' (rows of S^T) from its columns.
-    """
-    check_pair(u, v, labels)
-    target = aggregate_features(v, alpha, chunk)                              # (N_t, D)
-    links = BestLinks.apply(F.normalize(fp32(u), dim=1), F.normalize(target, dim=1), chunk, chunk <= 0, True)
-    return cycle_terms(*links, labels)
-
-
-def classifier_association(p_s, p_t, labels, alpha, chunk=0):
-    """L_cass terms of one pair. p_s: (N_s, C), p_t: (N_t, C) probabilities, labels: (N_s,) -> (nll, keep).
-
-    S_ij = -KL(p_i || q_j) and S'_ji = -KL(q_j || p_i) are different matrices, each a C-column product
-    up to a constant per row (which sigma ignores); cheap to recompute, so never kept.
-    """
-    check_pair(p_s, p_t, labels)
-    p_s = fp32(p_s)
-    q = aggregate_probs(p_t, alpha, chunk)                                    # (N_t, C)
-    log_a, j_star = BestLinks.apply(p_s, torch.log(q + KL_EPS), chunk, False, False)        # rows of S
-    log_a_back, i_back = BestLinks.apply(q, torch.log(p_s + KL_EPS), chunk, False, False)   # rows of S'
-    return cycle_terms(log_a, j_star, log_a_back, i_back, labels)
-
-
-def subsample(n, k, generator, device):
-    """k random indices out of n drawn from `generator` (all n, in order, when k <= 0 or k >= n)."""
-    if k <= 0 or k >= n:
-        return torch.arange(n, device=device)
-    assert generator is not None, "subsampling draws from the method's generator, never the global RNG"
-    return torch.randperm(n, generator=generator)[:k].to(device)
-
-
-def association_loss(pair_terms, source_maps, target_maps, labels, max_pixels=0, generator=None):
-    """Mean of the kept per-pixel losses over every pair of the batch (official: one BCE over all).
-
-    source_maps: (B, E, h, w), target_maps: (B, E, h', w'), labels: (B, h, w) int64 at the map size;
-    pair_terms(src (N_s, E), tgt (N_t, E), labels (N_s,)) -> (nll, keep). Associations are per pair
-    b (source b with target b), computed in fp32 even under autocast. 0 (with a graph) if none kept.
-    max_pixels > 0 associates that many random pixels per image, drawn from the CPU `generator`.
-    """
-    assert source_maps.dim() == 4 and target_maps.shape[:2] == source_maps.shape[:2]
-    assert labels.shape == (source_maps.shape[0],) + source_maps.shape[2:], (labels.shape, source_maps.shape)
-    nlls, keeps = [], []
-    with no_autocast(source_maps.device):
-        for b in range(source_maps.shape[0]):  # one pair at a time: the N x N matrices are per pair
-            src = fp32(source_maps[b]).flatten(1).t()         # (N_s, E)
-            tgt = fp32(target_maps[b]).flatten(1).t()         # (N_t, E)
-            lab = labels[b].reshape(-1)                       # (N_s,)
-            s_idx = subsample(src.shape[0], max_pixels, generator, src.device)
-            t_idx = subsample(tgt.shape[0], max_pixels, generator, tgt.device)
-            nll, keep = pair_terms(src[s_idx], tgt[t_idx], lab[s_idx])
-            nlls.append(nll)
-            keeps.append(keep)
-        nll, keep = torch.cat(nlls), torch.cat(keeps)         # (sum N_s,)
-        if not keep.any():
-            return nll.sum() * 0.0
-        return nll[keep].mean()
-
-
-def lsr_loss(logits, tau):
-    """LSR: mean over pixels of stopgrad(l / tau - 1) * l, l = -(1/C) sum_c log_softmax(logits)_c.
-
-    logits: (B, C, h, w) -> scalar fp32. d/dlogits = mean_pixels[(l - tau) / tau * dl].
-    """
-    assert logits.dim() == 4
-    with no_autocast(logits.device):
-        l = -torch.log_softmax(fp32(logits), dim=1).mean(1)   # (B, h, w): CE to the uniform distribution
-        return ((l / tau - 1.0).detach() * l).mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# Test-time aggregation (called by uda/evaluation.py)
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def aggregate_predict(model, images, autocast=nullcontext, alpha=TTA_ALPHA, chunk=0):
-    """PLCA's test-time prediction: (B, C, h, w) fp32 probabilities at the model's output stride.
-
-    F~ = (1 - alpha) F + alpha agg_cos(F) over all positions of each image; p = softmax(classifier(F~));
-    p~ = (1 - alpha) p + alpha agg_KL(p). Needs `model.classifier` (the head mapping features to
-    logits; DeepLab and tiny have it). images: (B, 3, H, W) as the model takes them.
-    """
-    classifier = getattr(model, "classifier", None)
-    if classifier is None:
-        raise UserError(f"--tta-aggregate: {type(model).__name__} has no .classifier head to re-apply "
-                        f"to aggregated features (use --tta-aggregate off)")
-    with autocast():
-        features, _ = model(images)                                    # (B, D, h, w)
-    batch, dim, h, w = features.shape
-    out = []
-    for b in range(batch):
-        with no_autocast(features.device):
-            feats = aggregate_features(features[b].flatten(1).t(), alpha, chunk)  # (N, D)
-        feats = feats.t().reshape(1, dim, h, w)                                   # (1, D, h, w)
-        with autocast():
-            logits = classifier(feats)                                            # (1, C, h, w)
-        with no_autocast(features.device):
-            probs = torch.softmax(fp32(logits), 1)[0].flatten(1).t()             # (N, C)
-            probs = aggregate_probs(probs, alpha, chunk)                          # (N, C)
-        out.append(probs.t().reshape(-1, h, w))                                  # (C, h, w)
-    return torch.stack(out)                                                       # (B, C, h, w)
-
-
-# --------------------------------------------------------------------------------------------------
-# The method
-# --------------------------------------------------------------------------------------------------
-RECIPE = {
-    "lr": 2.5e-4,                         # experiments/config/g2c_train.yaml, s2c_train.yaml: BASE_LR
-    "head_lr_mult": 1.0,                  # LR_MULT 1.0: the classifier at the backbone's LR (config.py: 10)
-    "momentum": 0.9,                      # config.py TRAIN.MOMENTUM
-    "weight_decay": 5e-4,                 # WEIGHT_DECAY 0.0005, on every parameter
-    "poly_power": 0.9,                    # POLY.POWER
-    "iters": 11160,                       # GTA5: POLY.MAX_EPOCHS 30 x 372 steps (2975 targets / (2 x 2 x 2))
-    "stop_iter": 10416,                   # GTA5: TRAIN.MAX_EPOCHS 28 (SYNTHIA: --iters 3720 --stop-iter 2976)
-    "batch_size": 4,                      # per GPU: TRAIN_BATCH_SIZE 4 / 2 GPUs = 2 pairs x ITER_SIZE 2
-    "bn": "train",                        # plain BatchNorm, SyncBN under DDP (tools/train.py), FREEZE_BN False
-    "backbone": "deeplabv2-r101-caffe",   # model/segmentation/deeplabv2.py: Caffe-style ResNet-101
-    "crop": "730x730",                    # DATA_TRANSFORM.CROPSIZE 730 (RandomCrop, label padded with 255)
-    "source_size": "1383x760",            # LOADSIZE 760: GTA5's 1914x1052 at a 760 short side
-    "target_size": "1520x760",            # LOADSIZE 760: Cityscapes' 2048x1024 at a 760 short side
-    "random_scale": [1.0, 1.3],           # tools/train.py RandomResize(760, int(1.3 x 760) = 988)
-    "lovasz_weight": 1.5,                 # LOV_W 0.75 x ITER_SIZE 2 (see Deviations)
-    "align_corners": False,               # solver/solver.py: F.interpolate(..., align_corners=False)
-}
-
-
-class PLCA:
-    """Source supervision + feature- and classifier-level cycle association + LSR, one SGD optimizer."""
-
-    needs_target = True
-
-    def __init__(self, model, args, env):
-        if args.batch_size % args.plca_iter_size:
-            raise UserError(f"--plca-iter-size {args.plca_iter_size}: must divide --batch-size {args.batch_size}")
-        if args.plca_max_pixels == 1:
-            raise UserError("--plca-max-pixels 1: need at least 2 pixels per image (or 0 for all)")
-        self.model, self.env = model, env
-        self.lovasz_weight, self.align_corners = args.lovasz_weight, args.align_corners
-        self.lambda_fass, self.lambda_cass, self.lambda_lsr = (args.plca_lambda_fass, args.plca_lambda_cass,
-                                                                args.plca_lambda_lsr)
-        self.lsr_tau, self.agg_alpha, self.iter_size = args.plca_lsr_tau, args.plca_agg_alpha, args.plca_iter_size
-        self.chunk, self.max_pixels = args.plca_chunk, args.plca_max_pixels
-        self.generator = method_generator(args.seed, GENERATOR_STREAM)  # --plca-max-pixels subsets
-        self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
-        self.optimizers = [self.optimizer]
-
-    def associate(self, pair_terms, source_maps, target_maps, labels):
-        return association_loss(pair_terms, source_maps, target_maps, labels, self.max_pixels, self.generator)
-
-    def losses(self, source_image, source_label, target_image):
-        """Every logged loss term of one micro-batch (dict of scalars) and the weighted total."""
-        with self.env.autocast():
-            # target first, then source, each its own forward (separate BN batch statistics, as official)
-            feat_t, logits_t = self.model(target_image)   # (B, D, h, w), (B, C, h, w)
-            feat_s, logits_s = self.model(source_image)
-        ce, lovasz = supervised_loss(logits_s, source_label, self.lovasz_weight, self.align_corners)
-        small_label = downsample_labels(source_label, feat_s.shape[-2:])   # (B, h, w)
-        terms = {"ce": ce, "lovasz": lovasz} if self.lovasz_weight else {"ce": ce}
-        alpha, chunk = self.agg_alpha, self.chunk
-        if self.lambda_fass:
-            terms["fass"] = self.associate(lambda u, v, y: feature_association(u, v, y, alpha, chunk),
-                                           feat_s, feat_t, small_label)
-        if self.lambda_cass:
-            probs_s, probs_t = torch.softmax(fp32(logits_s), 1), torch.softmax(fp32(logits_t), 1)  # (B, C, h, w)
-            terms["cass"] = self.associate(lambda p, q, y: classifier_association(p, q, y, alpha, chunk),
-                                           probs_s, probs_t, small_label)
-        if self.lambda_lsr:
-            terms["lsr_s"], terms["lsr_t"] = lsr_loss(logits_s, self.lsr_tau), lsr_loss(logits_t, self.lsr_tau)
-        total = (ce + self.lovasz_weight * lovasz + self.lambda_fass * terms.get("fass", 0.0)
-                 + self.lambda_cass * terms.get("cass", 0.0)
-                 + self.lambda_lsr * (terms.get("lsr_s", 0.0) + terms.get("lsr_t", 0.0)))
-        return terms, total
-
-    def train_step(self, source, target, it):
-        """One optimizer step over --plca-iter-size micro-batches; returns the loss terms averaged over them."""
-        self.optimizer.zero_grad(set_to_none=True)
-        n = self.iter_size
-        parts = zip(source["image"].chunk(n), source["label"].chunk(n), target["image"].chunk(n))
-        logged = {}
-        for source_image, source_label, target_image in parts:
-            terms, total = self.losses(source_image, source_label, target_image)
-            self.env.scaler.scale(total / n).backward()   # gradients of the mean over micro-batches
-            for name, value in terms.items():
-                logged[name] = logged.get(name, 0.0) + value.detach() / n
-        optimizer_step(self.optimizer, self.env.scaler)
-        return logged
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-
-
-def add_arguments(parser):
-    group = parser.add_argument_group("plca")
-    group.add_argument("--plca-lambda-fass", type=common.nonnegative_float, default=0.1,
-                       help="lambda_fass: feature-level (layer4, cosine) association loss (official ASSO_W)")
-    group.add_argument("--plca-lambda-cass", type=common.nonnegative_float, default=0.1,
-                       help="lambda_cass: classifier-level (probabilities, -KL) association loss (official "
-                            "ASSO_W; 0 = feature level only)")
-    group.add_argument("--plca-lambda-lsr", type=common.nonnegative_float, default=0.01,
-                       help="lambda_lsr: weight of LSR on each domain (official LSR_W)")
-    group.add_argument("--plca-lsr-tau", type=common.nonnegative_float, default=10.0,
-                       help="tau of LSR: the mean -log p it pulls towards (official LSR_THRES)")
-    group.add_argument("--plca-agg-alpha", type=common.fraction_below_one, default=0.5,
-                       help="alpha of the target spatial aggregation in training, in [0, 1) (official "
-                            "SPAGG_ALPHA; 0 = no aggregation)")
-    group.add_argument("--plca-chunk", type=common.nonnegative_int, default=0,
-                       help="keep no N x N matrix for the backward: recompute the association this many rows "
-                            "at a time (exact, less memory, slower); 0 = keep the feature level's two")
-    group.add_argument("--plca-max-pixels", type=common.nonnegative_int, default=0,
-                       help="associate a random subset of this many pixels per image (approximate, less "
-                            "memory); 0 = every pixel (faithful)")
-    group.add_argument("--plca-iter-size", type=common.positive_int, default=1,
-                       help="micro-batches per optimizer step, each forwarded separately (official "
-                            "ITER_SIZE = 2 with 2 pairs per GPU); must divide --batch-size")
-
-
-Method = PLCA
