@@ -597,7 +597,7 @@ def main(argv=None):
     check = sub.add_parser("check", help="build a backbone, load --pretrained, report keys and parameters")
     check.add_argument("--backbone", required=True, help=f"one of {', '.join(BACKBONES)}")
     check.add_argument("--pretrained", default=None, metavar="FILE", help="weights file to load by key name")
-    check.add_argument("--num-classes", type=int, default=19, help="classifier outputs")
+    check.add_argument("--num-classes", type=common.positive_int, default=19, help="classifier outputs")
     check.add_argument("--bn", default="auto", choices=BN_MODES, help="BatchNorm mode")
     args = p.parse_args(argv)
     model = build_model(args.backbone, args.num_classes, bn=args.bn)
