@@ -66,11 +66,11 @@ Design choices (ours; reason; alternative):
     FCDiscriminator widths), the cheapest reading of "D decides, for each sub-space, source or target".
     Alternative: K independent discriminators, one per group's X^k (--cdga-d-mode separate; grouped
     convs).
- 8. D's per-group logits are upsampled to pixels and each pixel's BCE for group k is weighted by
+ 8. Dnet's per-group logits are upsampled to pixels and each pixel's BCE for group k is weighted by
     A^k(p), so group k's output is judged on group k's pixels (pixel-weighted adversarial maps as in
     CLAN, Luo et al. CVPR 2019). sum_k A^k = 1 and sum_p w = 1 keep the scale of AdaptSegNet's loss,
     so its lambda_adv applies; an empty group weighs 0 instead of being renormalised.
- 9. Class equivalence as class-balanced pixel weights on both D's and G's adversarial loss. Reason:
+ 9. Class equivalence as class-balanced pixel weights on both Dnet's and G's adversarial loss. Reason:
     exact with hard counts; every present class gets 1/|present| of the weight, split over groups by
     A. Alternative reading: balance the classes inside each group (needs a presence threshold on soft
     counts n_{k,c}, a number we would have to invent); uniform weights: --cdga-class-weighting uniform.
@@ -81,16 +81,16 @@ Deviations:
 - The whole method is a RECONSTRUCTION (above): no official code exists and the paper's equations were
   not available, so nothing here was checked against the authors' work and no published number is
   reproduced.
-- From the AdaptSegNet/ADVENT base: D reads group-masked predictions at the input size (their
-  output-space D reads the predictions); one D on the final output only (no auxiliary conv4 head and
-  D); DeepLab-v2's BatchNorm is frozen (--bn auto: fixed statistics and affine), where their code
+- From the AdaptSegNet/ADVENT base: Dnet reads group-masked predictions at the input size (their
+  output-space Dnet reads the predictions); one Dnet on the final output only (no auxiliary conv4 head and
+  Dnet); DeepLab-v2's BatchNorm is frozen (--bn auto: fixed statistics and affine), where their code
   fixes the affine but leaves BN in train mode.
 - The target batch passes through G in train mode, so trainable BatchNorm (the toy's tiny backbone)
   also collects target statistics, which the frozen-BN DeepLab-v2 of the recipe does not.
 - At `--cdga-lambda-adv 0` (the toy benchmark's recipe-only control) Dnet is neither evaluated nor
   trained: it reaches G only through L_adv, so no weight of G or Cnet changes and the full-size
-  group-masked maps and both D passes are saved.
-- Compute: Cnet at stride 8 and a D on K*C channels, no N x N matrices; the second (target)
+  group-masked maps and both Dnet passes are saved.
+- Compute: Cnet at stride 8 and a Dnet on K*C channels, no N x N matrices; the second (target)
   forward/backward dominates.
 """
 import math

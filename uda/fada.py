@@ -11,7 +11,7 @@ are uda/pseudo_labels.py and uda/selftrain.py.
 
 Symbols: F = model features at stride 8 (layer4; B x D x h x w), z = logits (B x C x h x w), C classes,
 up(.) = bilinear upsampling to the input size with align_corners = --align-corners (True in RECIPE, as
-the official classifier), T = --fada-temperature, D(.) = the pixel discriminator with 2C outputs per
+the official classifier), T = --fada-temperature, Dnet(.) = the pixel discriminator with 2C outputs per
 pixel (channels 0..C-1 "source, class c", C..2C-1 "target, class c"), its output upsampled to the input
 size with align_corners=True always (hard-coded in the official PixelDiscriminator).
 
@@ -27,28 +27,28 @@ One iteration, in the official order:
    (0.5 0.5 0.5 0.2; uda.augment.color_jitter: torchvision semantics, an order per image); the target
    images are only resized (by the loader).
 1. L_seg = CE(up(z_s) / T, y_s)  (the temperature is applied to the supervised loss too); backward.
-2. L_adv = lambda_adv * softCE(up(D(F_t)), [a_t ; 0]): target features are pushed towards "source,
-   same class"; backward reaches the segmentation network only (D's weights take no gradient here).
+2. L_adv = lambda_adv * softCE(up(Dnet(F_t)), [a_t ; 0]): target features are pushed towards "source,
+   same class"; backward reaches the segmentation network only (Dnet's weights take no gradient here).
 3. Step the segmentation network (SGD; backbone --lr, head x --head-lr-mult).
-4. L_D = lambda_d * softCE(up(D(F_s.detach())), [a_s ; 0]) + lambda_d * softCE(up(D(F_t.detach())), [0 ; a_t])
-   with the features from before step 3; step D (Adam --fada-d-lr, betas --fada-d-betas, no weight
+4. L_D = lambda_d * softCE(up(Dnet(F_s.detach())), [a_s ; 0]) + lambda_d * softCE(up(Dnet(F_t.detach())), [0 ; a_t])
+   with the features from before step 3; step Dnet (Adam --fada-d-lr, betas --fada-d-betas, no weight
    decay, on the same poly schedule as the network).
 Total objective of the segmentation network: L_seg + L_adv, lambda_adv = --fada-lambda-adv (0.001);
 of the discriminator: L_D, lambda_d = --fada-lambda-d (0.5).
 
 Recipe (RECIPE below; each value's source beside it): starts from the source-only warm-up
-(`--pretrained`, the official stage 1 at 20,000 iterations), D from scratch. Backbones: deeplabv2-r101
-(torchvision style, frozen BN), deeplabv2-vgg16 (1024-ch features), tiny (the toy); D reads
+(`--pretrained`, the official stage 1 at 20,000 iterations), Dnet from scratch. Backbones: deeplabv2-r101
+(torchvision style, frozen BN), deeplabv2-vgg16 (1024-ch features), tiny (the toy); Dnet reads
 model.feature_dim channels.
 
-DDP: D's gradients are averaged over ranks like the network's, in common.optimizer_step (D starts from
+DDP: Dnet's gradients are averaged over ranks like the network's, in common.optimizer_step (Dnet starts from
 rank 0's weights). AMP: the networks run under autocast; upsampling, softmaxes, encodings and soft CE
 run in fp32.
 
 Deviations (from the official code):
 - The magic numbers of train_adv.py (1.8, 0.9, 0.001, 0.5) and the discriminator's settings are flags
   with those defaults.
-- D's gradients from step 2 are not computed at all (its parameters are frozen during that backward)
+- Dnet's gradients from step 2 are not computed at all (its parameters are frozen during that backward)
   instead of computed and then zeroed: same result, less work.
 - At `--fada-lambda-adv 0` (the toy benchmark's recipe-only control) the discriminator is neither
   evaluated nor trained: it reaches the network only through that term, so this changes no weight of
@@ -62,7 +62,7 @@ Deviations (from the official code):
 - Class-balanced source sampling (`--source-sampler class-balanced`) is reproducible per (seed, draw);
   see uda/samplers.py for how it differs from gta5.py's unseeded per-rank list.
 - The official code leaves autograd anomaly detection on and restarts the LR schedule on resume; we
-  do neither (resume restores D, both optimizers, the random generator and the iteration).
+  do neither (resume restores Dnet, both optimizers, the random generator and the iteration).
 """
 import torch
 import torch.nn as nn
@@ -184,7 +184,7 @@ class FADA:
         # `rng`, not `generator`: in this file the generator is the segmentation network (generator_step)
         self.rng = common.method_generator(args.seed, GENERATOR_STREAM)
         self.discriminator = PixelDiscriminator(model.feature_dim, model.num_classes, args.fada_d_width).to(env.device)
-        common.broadcast_parameters(self.discriminator)  # every rank starts from rank 0's D
+        common.broadcast_parameters(self.discriminator)  # every rank starts from rank 0's Dnet
         self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
         self.d_optimizer = adam(self.discriminator.parameters(), args.fada_d_lr, tuple(args.fada_d_betas))
         self.optimizers = [self.optimizer, self.d_optimizer]  # train.py drives both with the poly schedule
@@ -205,9 +205,9 @@ class FADA:
         seg = segmentation_loss(logits_s, labels_s, self.temperature)
         scaler.scale(seg).backward()
         logged = {"seg": seg.detach()}
-        encoding_s = encoding_t = None  # D's soft labels: not needed at --fada-lambda-adv 0 (D is skipped)
+        encoding_s = encoding_t = None  # Dnet's soft labels: not needed at --fada-lambda-adv 0 (Dnet is skipped)
 
-        # 2. adversarial loss: target features should look like "source, same class" to D. At weight 0
+        # 2. adversarial loss: target features should look like "source, same class" to Dnet. At weight 0
         # the target pass only refreshes trainable BN statistics, so it builds no graph
         with self.env.autocast(), torch.set_grad_enabled(bool(self.lambda_adv)):
             features_t, logits_t = self.model(target["image"])
@@ -215,7 +215,7 @@ class FADA:
             encoding_s = domain_encoding(logits_s, self.temperature, self.cap)
             encoding_t = domain_encoding(common.upsample(logits_t.float(), size_t, self.align_corners),
                                          self.temperature, self.cap)
-            self.discriminator.requires_grad_(False)  # no D gradients from the network's loss
+            self.discriminator.requires_grad_(False)  # no Dnet gradients from the network's loss
             with self.env.autocast():
                 d_t = self.discriminator(features_t, size_t)                      # (B, 2C, H, W) fp32
             adv = self.lambda_adv * domain_cross_entropy(d_t, encoding_t, domain=0)
