@@ -183,7 +183,7 @@ def test_train_step_matches_official_loop(tmp_path, jitter):
     amounts = [float(a) for a in jitter]
     for it in range(2):
         source, target = toy_batches(seed=it)
-        generator = torch.Generator().set_state(method.generator.get_state())
+        generator = torch.Generator().set_state(method.rng.get_state())
         jittered = dict(source, image=augment.color_jitter(source["image"], *amounts, generator))
         method.train_step(source, target, it)
         official_iteration(model, disc, opt, d_opt, jittered if any(amounts) else source, target)
@@ -308,7 +308,7 @@ def test_train_fada_smoke_and_resume_is_exact(tmp_path):
     assert ta.keys() == tb.keys()
     floats = [k for k in ta if ta[k].is_floating_point()]
     assert any(k.endswith("running_mean") for k in floats) and any(k.startswith("/method/discriminator/") for k in floats)
-    assert any(k.startswith("/method/d_optimizer/state/") for k in floats) and "/method/generator" in ta
+    assert any(k.startswith("/method/d_optimizer/state/") for k in floats) and "/method/rng" in ta
     assert not [k for k in ta if not torch.equal(ta[k], tb[k])]
 
 

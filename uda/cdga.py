@@ -8,7 +8,7 @@ Grouping and Alignment for Domain Adaptive Semantic Segmentation", AAAI 2021, ar
 Official code: none exists (the authors' publication page has an empty code link; no third-party
 implementation was found), so no commit was checked. The paper's full text (equations, K, loss weights,
 tables) was not available either. What this file implements is built from the abstract, the Figure 1
-legend, the Figure 2 caption and third-party summaries (see shared/reference/cdga.md). The four parts
+legend and the Figure 2 caption of arXiv 2012.08226, and third-party summaries of the paper. The four parts
 the abstract names are all here; every formula below is OUR design choice, listed with its reason and
 its alternative. No published number is reproduced. The training protocol around it is that of the
 adversarial baselines CDGA builds on, AdaptSegNet (Tsai et al., CVPR 2018,
@@ -66,11 +66,11 @@ Design choices (ours; reason; alternative):
     FCDiscriminator widths), the cheapest reading of "D decides, for each sub-space, source or target".
     Alternative: K independent discriminators, one per group's X^k (--cdga-d-mode separate; grouped
     convs).
- 8. D's per-group logits are upsampled to pixels and each pixel's BCE for group k is weighted by
+ 8. Dnet's per-group logits are upsampled to pixels and each pixel's BCE for group k is weighted by
     A^k(p), so group k's output is judged on group k's pixels (pixel-weighted adversarial maps as in
     CLAN, Luo et al. CVPR 2019). sum_k A^k = 1 and sum_p w = 1 keep the scale of AdaptSegNet's loss,
     so its lambda_adv applies; an empty group weighs 0 instead of being renormalised.
- 9. Class equivalence as class-balanced pixel weights on both D's and G's adversarial loss. Reason:
+ 9. Class equivalence as class-balanced pixel weights on both Dnet's and G's adversarial loss. Reason:
     exact with hard counts; every present class gets 1/|present| of the weight, split over groups by
     A. Alternative reading: balance the classes inside each group (needs a presence threshold on soft
     counts n_{k,c}, a number we would have to invent); uniform weights: --cdga-class-weighting uniform.
@@ -81,16 +81,16 @@ Deviations:
 - The whole method is a RECONSTRUCTION (above): no official code exists and the paper's equations were
   not available, so nothing here was checked against the authors' work and no published number is
   reproduced.
-- From the AdaptSegNet/ADVENT base: D reads group-masked predictions at the input size (their
-  output-space D reads the predictions); one D on the final output only (no auxiliary conv4 head and
-  D); DeepLab-v2's BatchNorm is frozen (--bn auto: fixed statistics and affine), where their code
+- From the AdaptSegNet/ADVENT base: Dnet reads group-masked predictions at the input size (their
+  output-space Dnet reads the predictions); one Dnet on the final output only (no auxiliary conv4 head and
+  Dnet); DeepLab-v2's BatchNorm is frozen (--bn auto: fixed statistics and affine), where their code
   fixes the affine but leaves BN in train mode.
 - The target batch passes through G in train mode, so trainable BatchNorm (the toy's tiny backbone)
   also collects target statistics, which the frozen-BN DeepLab-v2 of the recipe does not.
 - At `--cdga-lambda-adv 0` (the toy benchmark's recipe-only control) Dnet is neither evaluated nor
   trained: it reaches G only through L_adv, so no weight of G or Cnet changes and the full-size
-  group-masked maps and both D passes are saved.
-- Compute: Cnet at stride 8 and a D on K*C channels, no N x N matrices; the second (target)
+  group-masked maps and both Dnet passes are saved.
+- Compute: Cnet at stride 8 and a Dnet on K*C channels, no N x N matrices; the second (target)
   forward/backward dominates.
 """
 import math
@@ -99,6 +99,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uda import common
 from uda.common import (IGNORE_INDEX, UserError, adam, broadcast_parameters, downsample_labels, optimizer_step, sgd,
                         upsample)
 from uda.source_only import supervised_loss
@@ -285,8 +286,6 @@ class CDGA:
     needs_target = True
 
     def __init__(self, model, args, env):
-        if args.cdga_groups < 2:
-            raise UserError(f"--cdga-groups {args.cdga_groups}: expected at least 2 (orthogonality compares groups)")
         self.model, self.env = model, env
         self.num_groups, self.num_classes = args.cdga_groups, model.num_classes
         self.lovasz_weight, self.align_corners = args.lovasz_weight, args.align_corners
@@ -428,32 +427,37 @@ class CDGA:
 
 def add_arguments(parser):
     group = parser.add_argument_group("cdga (reconstruction; see uda/cdga.py)")
-    group.add_argument("--cdga-groups", type=int, default=4,
-                       help="K, number of cross-domain groups (unknown in the paper; sweep 2, 4, 8)")
+    group.add_argument("--cdga-groups", type=common.int_at_least(2), default=4,
+                       help="K, number of cross-domain groups, >= 2 since orthogonality compares groups "
+                            "(unknown in the paper; sweep 2, 4, 8)")
     group.add_argument("--cdga-group-input", choices=["features", "probs"], default="features",
                        help="what the grouping net reads (detached): G's features or its class probabilities")
-    group.add_argument("--cdga-group-hidden", type=int, default=256, help="hidden channels of the grouping net")
-    group.add_argument("--cdga-group-lr", type=float, default=1e-4, help="Adam learning rate of the grouping net")
+    group.add_argument("--cdga-group-hidden", type=common.positive_int, default=256,
+                       help="hidden channels of the grouping net")
+    group.add_argument("--cdga-group-lr", type=common.positive_float, default=1e-4,
+                       help="Adam learning rate of the grouping net")
     group.add_argument("--cdga-source-profile", choices=["labels", "probs"], default="labels",
                        help="source group profiles from one-hot labels or from predicted probabilities")
     group.add_argument("--cdga-sc-distance", choices=["l1", "skl"], default="l1",
                        help="distance of the semantic consistency loss: L1 or symmetric KL")
-    group.add_argument("--cdga-lambda-sc", type=float, default=1.0, help="weight of the semantic consistency loss")
-    group.add_argument("--cdga-lambda-orth", type=float, default=1.0, help="weight of the orthogonality loss")
-    group.add_argument("--cdga-lambda-balance", type=float, default=1.0,
+    group.add_argument("--cdga-lambda-sc", type=common.nonnegative_float, default=1.0,
+                       help="weight of the semantic consistency loss")
+    group.add_argument("--cdga-lambda-orth", type=common.nonnegative_float, default=1.0,
+                       help="weight of the orthogonality loss")
+    group.add_argument("--cdga-lambda-balance", type=common.nonnegative_float, default=1.0,
                        help="weight of the group-usage balance loss (ours, against collapse; 0 disables)")
-    group.add_argument("--cdga-lambda-adv", type=float, default=1e-3,
+    group.add_argument("--cdga-lambda-adv", type=common.nonnegative_float, default=1e-3,
                        help="weight of G's group-wise adversarial loss (AdaptSegNet/ADVENT's 1e-3 on the output)")
     group.add_argument("--cdga-class-weighting", choices=["balanced", "uniform"], default="balanced",
                        help="class equivalence: every present class weighs the same in the alignment "
                             "(balanced) or every pixel does (uniform)")
     group.add_argument("--cdga-d-mode", choices=["shared", "separate"], default="shared",
                        help="one discriminator with K outputs, or K independent ones (grouped convs)")
-    group.add_argument("--cdga-d-width", type=int, default=64,
+    group.add_argument("--cdga-d-width", type=common.positive_int, default=64,
                        help="width of the discriminator's first conv (AdaptSegNet's ndf)")
-    group.add_argument("--cdga-d-lr", type=float, default=1e-4,
+    group.add_argument("--cdga-d-lr", type=common.positive_float, default=1e-4,
                        help="Adam learning rate of the discriminator (AdaptSegNet/ADVENT LEARNING_RATE_D)")
-    group.add_argument("--cdga-d-betas", type=float, nargs=2, default=[0.9, 0.99],
+    group.add_argument("--cdga-d-betas", type=common.fraction_below_one, nargs=2, default=[0.9, 0.99],
                        help="Adam betas of the discriminator (AdaptSegNet/ADVENT) and the grouping net")
 
 

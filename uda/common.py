@@ -140,6 +140,34 @@ def parse_size(text, flag):
     return int(parts[0]), int(parts[1])
 
 
+def fraction(text):
+    """argparse type: a number in [0, 1] (probabilities, confidence thresholds, mixing weights, EMA caps)."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:  # also False for nan
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [0, 1]")
+    return value
+
+
+def fraction_below_one(text):
+    """argparse type: a number in [0, 1) (momentums and Adam betas, where 1 would freeze or divide by 0)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:  # also False for nan
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [0, 1)")
+    return value
+
+
+def int_at_least(minimum):
+    """argparse type factory: an integer >= `minimum` (e.g. 2 groups, where one group has nothing to
+    compare with)."""
+    def integer(text):
+        value = _number(text, int)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {minimum}")
+        return value
+    integer.__name__ = f"int_at_least_{minimum}"
+    return integer
+
+
 # --------------------------------------------------------------------------------------------------
 # Distributed helpers: every one is a no-op without a process group, so `python train.py` just works
 # --------------------------------------------------------------------------------------------------

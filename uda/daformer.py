@@ -1,6 +1,7 @@
 """DAFormer: the DACS self-training base with DAFormer's training strategies (`--method daformer`).
 
-Copy with: uda/common.py, uda/augment.py, uda/models.py (the frozen network of --daformer-fd-pretrained).
+Copy with: uda/common.py, uda/augment.py, uda/models.py, uda/mit.py (models.py builds the frozen network of
+--daformer-fd-pretrained; mit.py is its MiT backbone).
 
 Papers:
 - Hoyer, Dai, Van Gool, "DAFormer: Improving Network Architectures and Training Strategies for
@@ -389,32 +390,32 @@ class DAFormer:
 def add_arguments(parser):
     """DAFormer's flags (DIDA reads them too)."""
     group = parser.add_argument_group("daformer (DACS self-training base)")
-    group.add_argument("--daformer-ema-alpha", type=float, default=0.999,
+    group.add_argument("--daformer-ema-alpha", type=common.fraction, default=0.999,
                        help="EMA teacher decay cap: a_t = min(1 - 1/(t+1), alpha) (DAFormer 0.999, DACS 0.99)")
-    group.add_argument("--daformer-pseudo-threshold", type=float, default=0.968,
+    group.add_argument("--daformer-pseudo-threshold", type=common.fraction, default=0.968,
                        help="confidence for the pseudo-label quality weight q = share of pixels above it")
-    group.add_argument("--daformer-pseudo-ignore-top", type=int, default=None,
+    group.add_argument("--daformer-pseudo-ignore-top", type=common.nonnegative_int, default=None,
                        help="top rows of the target crop whose pseudo-labels get weight 0 "
                             "(default: 15 for a Cityscapes target, else 0)")
-    group.add_argument("--daformer-pseudo-ignore-bottom", type=int, default=None,
+    group.add_argument("--daformer-pseudo-ignore-bottom", type=common.nonnegative_int, default=None,
                        help="bottom rows with weight 0 (ego-car; default: 120 for a Cityscapes target, else 0)")
-    group.add_argument("--daformer-lambda-fd", type=float, default=0.005,
+    group.add_argument("--daformer-lambda-fd", type=common.nonnegative_float, default=0.005,
                        help="weight of the thing-class ImageNet feature distance (0 turns it off)")
     group.add_argument("--daformer-lambda-mix", type=common.nonnegative_float, default=1.0,
                        help="weight of the mixed pseudo-label loss L_mix (0: the supervised part alone, no "
                             "teacher forward or ClassMix)")
-    group.add_argument("--daformer-fd-classes", type=int, nargs="*", default=list(THING_TRAINIDS),
+    group.add_argument("--daformer-fd-classes", type=common.nonnegative_int, nargs="*", default=list(THING_TRAINIDS),
                        help="Cityscapes trainIds of the classes the feature distance applies to")
-    group.add_argument("--daformer-fd-min-ratio", type=float, default=0.75,
+    group.add_argument("--daformer-fd-min-ratio", type=common.fraction, default=0.75,
                        help="a downscaled label cell keeps its class only if it covers this share")
     group.add_argument("--daformer-fd-pretrained", default=None, metavar="FILE",
                        help="ImageNet weights of the frozen feature-distance network (default: a frozen "
                             "copy of the initial model, i.e. the --pretrained weights)")
-    group.add_argument("--daformer-jitter-strength", type=float, default=0.2,
+    group.add_argument("--daformer-jitter-strength", type=common.nonnegative_float, default=0.2,
                        help="brightness +-s (additive), contrast and saturation x[1-s, 1+s], hue +-s turns")
-    group.add_argument("--daformer-jitter-prob", type=float, default=0.8,
+    group.add_argument("--daformer-jitter-prob", type=common.fraction, default=0.8,
                        help="probability of colour jitter per iteration (DACS: 1 - 0.2)")
-    group.add_argument("--daformer-blur-prob", type=float, default=0.5,
+    group.add_argument("--daformer-blur-prob", type=common.fraction, default=0.5,
                        help="probability of Gaussian blur per iteration")
 
 

@@ -779,10 +779,6 @@ EXPECTED = {("gta5", "train"): 24966, ("synthia", "train"): 9400, ("cityscapes",
             ("cityscapes", "val"): 500, ("cityscapes", "test"): 1525,
             **{(name, split): 100 for name in CROSSCITY_CITIES for split in ("val", "test")}}
 CROSSCITY_SPLIT_FOLDER = {"train": "Train", "val": "Test", "test": "Test"}
-# One line of each dataset's data list (conventions.md, "Data lists"), for error messages
-LIST_EXAMPLES = {"gta5": "00001.png", "synthia": "0000000.png",
-                 "cityscapes": "aachen/aachen_000000_000019_leftImg8bit.png (relative to leftImg8bit/<split>/)",
-                 "crosscity": "<id>.jpg", FOLDER: "<sub/folders/>name.png (relative to images/<split>/)"}
 
 
 def layout(name):

@@ -1,6 +1,6 @@
 """DIDA: dual-level interaction on the DAFormer self-training base (`--method dida`).
 
-Copy with: uda/common.py, uda/augment.py, uda/models.py, uda/daformer.py.
+Copy with: uda/common.py, uda/augment.py, uda/models.py, uda/mit.py, uda/daformer.py (DIDA's base).
 
 Paper: Yao, Li, et al., "Dual-level Interaction for Domain Adaptive Semantic Segmentation", ICCV 2023
 workshops, arXiv 2307.07972. Official code checked: github.com/RainJamesY/DIDA commit 8b9c5bf
@@ -10,7 +10,9 @@ al., "SimMatch: Semi-supervised Learning with Similarity Matching", CVPR 2022, a
 simmatch.py). The base (EMA teacher, pseudo-labels, ClassMix, feature distance, recipe) is DAFormer's:
 its pure functions come from uda/daformer.py, its objective L_daformer = L_src + lambda_fd L_fd +
 lambda_mix L_mix (the --daformer-... flags) is kept unchanged, and `DIDA.train_step` writes the whole
-iteration out.
+iteration out, steps 1-5 in order (step 1, the teacher part of step 2 and L_ins are named methods). With
+`--dida-lambda-ins 0 --dida-gather-alpha 1 --dida-weak-view clean` it takes exactly DAFormer's step
+(tests/test_dida.py checks it).
 
 Symbols: e(.) the model's features (DAFormer head: fused 256-d map at stride 4, >= 0 after BN-ReLU);
 U(.) bilinear upsampling to the H x W crop (--align-corners, False as mmseg); bank entries f_k in R^D with
@@ -273,7 +275,9 @@ def gather_from_ranks(tensor):
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
-RECIPE = dict(daformer.RECIPE)  # DIDA's configs are DAFormer's (shared/reference/dida.md, section 1)
+# DIDA's repository is DAFormer's with a new UDA module; its GTA->Cityscapes config is DAFormer's
+# (RainJamesY/DIDA @ 8b9c5bf configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py)
+RECIPE = dict(daformer.RECIPE)
 # Read by the tools through uda/methods.py (the contract in uda/source_only.py):
 # the control: the instance loss, the bank's evidence gathered into the pseudo-labels and the teacher's
 # photometric weak view (there for the weak/strong instance consistency; DAFormer's teacher sees the clean
@@ -340,28 +344,9 @@ class DIDA:
         size, align_corners = tuple(ys.shape[-2:]), args.align_corners
         self.optimizer.zero_grad(set_to_none=True)
         daformer.ema_update(self.teacher, model, it, args.daformer_ema_alpha)
-        logged = {}
 
-        # 1. source: DAFormer's CE (+ feature distance); its detached features fill / update the bank
-        with env.autocast():
-            if self.fd_model is None:
-                features_s, logits_s = model(xs)
-            else:  # the deepest encoder map of the same forward, for the feature distance
-                features_s, logits_s, encoder_s = model(xs, with_encoder=True)
-                with torch.no_grad():
-                    encoder_frozen = self.fd_model.encoder_features(xs)
-        loss_src = daformer.weighted_cross_entropy(upsample(logits_s, size, align_corners), ys)
-        logged["src"] = loss_src.detach()
-        loss = loss_src
-        if self.fd_model is not None:
-            things = daformer.fd_mask(ys, encoder_s.shape[-2:], self.thing_indices, args.daformer_fd_min_ratio,
-                                      self.num_classes)                      # (B, h, w)
-            loss_fd = daformer.feature_distance(encoder_s, encoder_frozen, things)
-            loss = loss + args.daformer_lambda_fd * loss_fd
-            logged["fd"] = loss_fd.detach()
-        self.update_bank(features_s.detach(), ys, it)
-        env.scaler.scale(loss).backward()
-        del features_s, logits_s, loss
+        # 1. source: DAFormer's CE (+ feature distance), backward; its detached features fill / update the bank
+        logged = self.source_step(xs, ys, size, it)
         if args.daformer_lambda_mix == 0 and args.dida_lambda_ins == 0:  # no target term: steps 2-5 skipped
             optimizer_step(self.optimizer, env.scaler)
             logged["bank_filled"] = self.bank.filled.float().mean()
@@ -370,19 +355,8 @@ class DIDA:
         bank, bank_labels = self.bank.entries()                              # (K', D), (K',)
         use_bank = bank_labels.numel() > 0 and (args.dida_lambda_ins > 0 or self.alpha < 1)
         with torch.no_grad():
-            # 2. teacher on the weak view: class probabilities P and bank similarities s (or q^w)
-            weak = xt
-            if self.photometric_weak_view:
-                weak = dacs_strong_augment(xt, args.daformer_jitter_strength, args.daformer_jitter_prob,
-                                           args.daformer_blur_prob, self.generator)
-            with env.autocast():
-                features_t, logits_t = self.teacher(weak)
-            probs = torch.softmax(upsample(logits_t.float(), size, align_corners), dim=1)  # (B, C, H, W) fp32
-            sim_teacher = None
-            if use_bank:
-                sim_teacher = self.similarity(features_t, bank, size)        # (B, H, W, K')
-                if not self.released:
-                    sim_teacher = torch.softmax(sim_teacher, dim=-1)         # q^w: the gather and the target
+            # 2. teacher on the weak view: class probabilities P and bank similarities s (or q^w; None: no bank)
+            probs, sim_teacher = self.teacher_predictions(xt, bank if use_bank else None, size)
 
             # 3. gather K -> C: DAFormer's pseudo-labels from P~
             refined = probs
@@ -413,13 +387,7 @@ class DIDA:
             if sim_teacher is None:  # nothing labelled yet (an all-ignore first batch): no instance term
                 logged["ins"] = torch.zeros((), device=env.device)
             else:
-                sim_student = self.similarity(features_m, bank, size)        # (B, H, W, K')
-                if self.released:
-                    calib = upsample(logits_m.detach().float(), size, align_corners) if args.dida_calibrate else None
-                    loss_ins = released_instance_loss(sim_teacher, sim_student, calib, bank_labels)
-                else:
-                    calib = probs if args.dida_calibrate else None
-                    loss_ins = simmatch_instance_loss(sim_teacher, sim_student, calib, bank_labels, ~mask)
+                loss_ins = self.instance_loss(sim_teacher, features_m, logits_m, probs, bank, bank_labels, ~mask)
                 weighted_ins = args.dida_lambda_ins * loss_ins
                 loss = weighted_ins if loss is None else loss + weighted_ins
                 logged["ins"] = loss_ins.detach()
@@ -428,6 +396,58 @@ class DIDA:
         optimizer_step(self.optimizer, env.scaler)
         logged["bank_filled"] = self.bank.filled.float().mean()
         return logged
+
+    def source_step(self, xs, ys, size, it):
+        """Step 1: DAFormer's supervised loss on the source batch (+ the thing-class feature distance),
+        backward now (frees the source graph before mixing); the student's detached source features fill
+        and update the bank. Returns the logged terms."""
+        args, env, model = self.args, self.env, self.model
+        with env.autocast():
+            if self.fd_model is None:
+                features_s, logits_s = model(xs)
+            else:  # the deepest encoder map of the same forward, for the feature distance
+                features_s, logits_s, encoder_s = model(xs, with_encoder=True)
+                with torch.no_grad():
+                    encoder_frozen = self.fd_model.encoder_features(xs)
+        loss_src = daformer.weighted_cross_entropy(upsample(logits_s, size, args.align_corners), ys)
+        logged = {"src": loss_src.detach()}
+        loss = loss_src
+        if self.fd_model is not None:
+            things = daformer.fd_mask(ys, encoder_s.shape[-2:], self.thing_indices, args.daformer_fd_min_ratio,
+                                      self.num_classes)                      # (B, h, w)
+            loss_fd = daformer.feature_distance(encoder_s, encoder_frozen, things)
+            loss = loss + args.daformer_lambda_fd * loss_fd
+            logged["fd"] = loss_fd.detach()
+        self.update_bank(features_s.detach(), ys, it)
+        env.scaler.scale(loss).backward()
+        return logged
+
+    def teacher_predictions(self, xt, bank, size):
+        """Step 2 (no grad): the teacher on the weak target view. Returns its upsampled class probabilities
+        P (B, C, H, W) fp32 and its bank similarities (B, H, W, K'): raw s (released) or q^w = softmax(s / T)
+        (simmatch), or None when `bank` is None."""
+        weak = xt
+        if self.photometric_weak_view:
+            weak = dacs_strong_augment(xt, self.args.daformer_jitter_strength, self.args.daformer_jitter_prob,
+                                       self.args.daformer_blur_prob, self.generator)
+        with self.env.autocast():
+            features_t, logits_t = self.teacher(weak)
+        probs = torch.softmax(upsample(logits_t.float(), size, self.args.align_corners), dim=1)  # (B, C, H, W)
+        if bank is None:
+            return probs, None
+        sim_teacher = self.similarity(features_t, bank, size)                # (B, H, W, K')
+        return probs, sim_teacher if self.released else torch.softmax(sim_teacher, dim=-1)
+
+    def instance_loss(self, sim_teacher, features_m, logits_m, probs, bank, bank_labels, not_pasted):
+        """Step 5's L_ins: scatter the teacher's instance evidence (calibrated by class evidence) onto the
+        student's similarities on the mixed image. not_pasted: (B, H, W) bool, False on pasted source pixels."""
+        sim_student = self.similarity(features_m, bank, probs.shape[-2:])    # (B, H, W, K')
+        if self.released:
+            calib = upsample(logits_m.detach().float(), probs.shape[-2:], self.args.align_corners) \
+                if self.args.dida_calibrate else None
+            return released_instance_loss(sim_teacher, sim_student, calib, bank_labels)
+        calib = probs if self.args.dida_calibrate else None
+        return simmatch_instance_loss(sim_teacher, sim_student, calib, bank_labels, not_pasted)
 
     def state_dict(self):
         state = {"optimizer": self.optimizer.state_dict(), "teacher": self.teacher.state_dict(),
@@ -452,15 +472,16 @@ def add_arguments(parser):
     group.add_argument("--dida-mode", choices=["simmatch", "released"], default="simmatch",
                        help="simmatch: L2-normalised features, softmax/T, calibration by the teacher's "
                             "probabilities, pasted pixels masked; released: as the official code computes")
-    group.add_argument("--dida-lambda-ins", type=float, default=0.5,
+    group.add_argument("--dida-lambda-ins", type=common.nonnegative_float, default=0.5,
                        help="weight of the instance-level loss L_ins (0 turns it off)")
-    group.add_argument("--dida-bank-size", type=int, default=300, help="number K of bank entries (K/C per class)")
-    group.add_argument("--dida-bank-interval", type=int, default=50,
+    group.add_argument("--dida-bank-size", type=common.positive_int, default=300,
+                       help="number K of bank entries (K/C per class)")
+    group.add_argument("--dida-bank-interval", type=common.positive_int, default=50,
                        help="momentum-update the bank every N iterations")
-    group.add_argument("--dida-bank-momentum", type=float, default=0.999, help="bank momentum m")
-    group.add_argument("--dida-temperature", type=float, default=0.1,
+    group.add_argument("--dida-bank-momentum", type=common.fraction_below_one, default=0.999, help="bank momentum m")
+    group.add_argument("--dida-temperature", type=common.positive_float, default=0.1,
                        help="softmax temperature T over bank entries (simmatch mode only; SimMatch 0.1)")
-    group.add_argument("--dida-gather-alpha", type=float, default=None,
+    group.add_argument("--dida-gather-alpha", type=common.fraction, default=None,
                        help="weight of the semantic probabilities when gathering instance evidence into "
                             "pseudo-labels (1 = off; default: 1 released, 0.9 simmatch)")
     group.add_argument("--dida-calibrate", action=argparse.BooleanOptionalAction, default=True,

@@ -17,7 +17,11 @@ transformer blocks, the tiny network's conv blocks) keep only their inputs and r
 in backward; the heads are not recomputed. Same losses, gradients and BN running statistics (the
 recomputation's second BN update is undone); drop-path masks and autocast dtypes are replayed.
 
-Backbones (--backbone), facts in shared/reference/conventions.md section 2 and dida.md section 1:
+Backbones (--backbone), as the official code builds them: torchvision style as JDAI-CV/FADA @ a1c6403
+core/models/resnet.py, vgg.py and classifier.py (also BIT-DA/SDCA @ d00e7ba); Caffe style as
+wasidennis/AdaptSegNet model/deeplab.py and kgl-prml/Pixel-Level-Cycle-Association @ e01d77a; MiT and
+the DAFormer head as lhoyer/DAFormer @ e6f6e04 mmseg/models/backbones/mix_transformer.py and
+mmseg/models/decode_heads/daformer_head.py:
   tiny                  toy/test network (features 64-d, stride 8), trainable BN, random init
   deeplabv2-r101        torchvision-style ResNet-101 (stride in the 3x3, replace_stride_with_dilation:
                         layer3 dilation 1 then 2, layer4 2 then 4) + ASPP-v2 (FADA, SDCA)
@@ -593,7 +597,7 @@ def main(argv=None):
     check = sub.add_parser("check", help="build a backbone, load --pretrained, report keys and parameters")
     check.add_argument("--backbone", required=True, help=f"one of {', '.join(BACKBONES)}")
     check.add_argument("--pretrained", default=None, metavar="FILE", help="weights file to load by key name")
-    check.add_argument("--num-classes", type=int, default=19, help="classifier outputs")
+    check.add_argument("--num-classes", type=common.positive_int, default=19, help="classifier outputs")
     check.add_argument("--bn", default="auto", choices=BN_MODES, help="BatchNorm mode")
     args = p.parse_args(argv)
     model = build_model(args.backbone, args.num_classes, bn=args.bn)

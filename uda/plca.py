@@ -40,14 +40,16 @@ How the N x N maths is computed (exact, in fp32 under any autocast). A softmax i
 added to its row and so does the std, so the mean in sigma drops out and
     max_j log sigma(r)_j = -log sum_j exp((r_j - max(r)) / (std(r) + eps)),
 and -KL(p_i || q_j) = p_i . log(q_j + eps) + (a constant of row i). Every similarity is therefore a
-product S = a b^T of two thin factors (cosine: D columns; -KL: C). `BestLinks` reads S in row blocks
-and returns the best log sigma and its index per row and, for the cosine level, per column (S' = S^T:
-one product serves both directions); `Aggregate` computes W c the same way. Their backward passes
-rebuild each block's softmax from saved row (and column) statistics: nothing of size N x N x K is
-formed. --plca-chunk 0 keeps the cosine level's S and W for the backward, so no product of D columns
-is computed twice; --plca-chunk R keeps no N x N matrix and recomputes R-row blocks instead (exact,
-less memory, slower). --plca-max-pixels K associates a random subset of K pixels per image, drawn from the method's
-generator (approximate; the official USE_CROP trick is similar).
+product S = a b^T of two thin factors of E columns (cosine: E = D; -KL: E = C). `BestLinks` reads S in
+row blocks and returns the best log sigma and its index per row and, for the cosine level, per column
+(S' = S^T: one product serves both directions); `Aggregate` computes W c the same way. Their backward
+passes rebuild each block's softmax from saved row (and column) statistics: nothing of size N x N x E is
+formed. --plca-chunk 0 keeps the cosine level's S and W for the backward, so no product of D columns is
+computed twice; --plca-chunk R keeps no N x N matrix and recomputes R-row blocks instead (exact, less
+memory, slower). --plca-max-pixels n associates a random subset of n pixels per image, drawn from the
+method's generator (approximate; the official USE_CROP trick is similar). The file reads as the
+iteration: the losses, the test-time aggregation and the method first, then the custom autograd
+functions `BestLinks` and `Aggregate` in the last section.
 
 Test-time aggregation (official tools/test.py, TEST.WITH_AGGREGATION=True in the test configs):
 F~ = (1 - a) F + a agg_cos(F); p = softmax(classifier(F~)); p~ = (1 - a) p + a agg_KL(p); argmax of
@@ -80,6 +82,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from uda import common
 from uda.common import IGNORE_INDEX, UserError, downsample_labels, method_generator, optimizer_step, sgd
 from uda.source_only import supervised_loss
 
@@ -93,8 +96,7 @@ GENERATOR_STREAM = "plca"  # common.method_generator's stream, named after the m
 
 
 # --------------------------------------------------------------------------------------------------
-# Precision helpers, and the plain definitions (N x M at once) that the blocked functions below
-# compute (the tests compare the two)
+# Precision helpers
 # --------------------------------------------------------------------------------------------------
 def fp32(x):
     """Half-precision tensors to fp32 (statistics, softmaxes over ~8k columns and logs need it);
@@ -105,220 +107,6 @@ def fp32(x):
 def no_autocast(device):
     """Disable autocast for the association maths, so matmuls stay in fp32 under --amp."""
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def zscore_rows(scores):
-    """(r - mean(r)) / (std(r) + eps) per row with DETACHED mean and unbiased std: an adaptive per-row
-    temperature, not part of the objective (official `scoring`). scores: (N, M), M >= 2 -> (N, M) fp32."""
-    assert scores.dim() == 2 and scores.shape[1] >= 2, scores.shape
-    scores = fp32(scores)
-    mean = scores.mean(1, keepdim=True).detach()   # (N, 1)
-    std = scores.std(1, keepdim=True).detach()     # (N, 1), unbiased like torch.std in the official code
-    return (scores - mean) / (std + SIGMA_EPS)
-
-
-def log_sigma(scores):
-    """log sigma(scores): row-wise log_softmax of the z-scored rows. (N, M) -> (N, M)."""
-    return torch.log_softmax(zscore_rows(scores), dim=1)
-
-
-def sigma(scores):
-    """sigma(scores): row-wise softmax of the z-scored rows. (N, M) -> (N, M), rows sum to one."""
-    return torch.softmax(zscore_rows(scores), dim=1)
-
-
-def cosine_matrix(x, y):
-    """cos(x_i, y_j): x (N, D), y (M, D) -> (N, M). Zero vectors give cosine 0 (F.normalize eps)."""
-    return F.normalize(fp32(x), dim=1) @ F.normalize(fp32(y), dim=1).t()   # (N, D) @ (D, M)
-
-
-def neg_kl_matrix(p, q):
-    """-KL(p_i || q_j) = sum_c p_ic log(q_jc + eps) - sum_c p_ic log(p_ic + eps).
-
-    p: (N, C), q: (M, C) probabilities -> (N, M).
-    """
-    p, q = fp32(p), fp32(q)
-    neg_entropy = (p * torch.log(p + KL_EPS)).sum(1, keepdim=True)   # (N, 1)
-    return p @ torch.log(q + KL_EPS).t() - neg_entropy                # (N, C) @ (C, M) - (N, 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# The same maths in row blocks of S = a b^T, with hand-written backward passes
-# --------------------------------------------------------------------------------------------------
-def row_blocks(n, m, chunk):
-    """(start, end) of the row blocks of an (n, m) matrix: `chunk` rows each, or about BLOCK_ELEMENTS
-    entries each when chunk <= 0."""
-    rows = chunk if chunk > 0 else max(1, BLOCK_ELEMENTS // max(m, 1))
-    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
-
-
-def product_rows(a, b, full):
-    """Rows [s, e) of S = a b^T: a slice of `full` when it is kept, else recomputed. -> fn(s, e)."""
-    if full is not None:
-        return lambda s, e: full[s:e]
-    return lambda s, e: a[s:e] @ b.t()          # (R, K) @ (K, M)
-
-
-def exp_scaled(block, top, scale, shift=None):
-    """exp((block - top) / scale + shift) into a new tensor; the arguments broadcast against block."""
-    scaled = (block - top).div_(scale)
-    return (scaled if shift is None else scaled.add_(shift)).exp_()
-
-
-class BestLinks(torch.autograd.Function):
-    """Best links under sigma of S = a b^T (a (N, K), b (M, K)), per row and optionally per column.
-
-    forward(a, b, chunk, store, columns) -> (best (N,), index (N,)[, best_col (M,), index_col (M,)]):
-    best_i = max_j log sigma(S_i.)_j = -log sum_j exp((S_ij - max_j S_ij) / s_i), s_i = std_j S_ij + eps,
-    index_i its argmax; the column outputs are the same for the rows of S^T. store keeps S for the
-    backward (one N x M matrix); otherwise every block is recomputed (one product more, and the column
-    statistics need a second pass over S in the forward). Indices carry no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, a, b, chunk, store, columns):
-        assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], (a.shape, b.shape)
-        assert a.shape[0] >= 2 and b.shape[0] >= 2, "sigma needs two pixels per set (unbiased std)"
-        store = store and any(ctx.needs_input_grad[:2])
-        full = a @ b.t() if store else None                                  # (N, M)
-        block = product_rows(a, b, full)
-        blocks = row_blocks(a.shape[0], b.shape[0], chunk)
-        row_stats, col_stats = [], ColumnStats() if columns else None
-        for s, e in blocks:
-            rows = block(s, e)                                               # (R, M)
-            row_stats.append(row_best(rows))
-            if columns:
-                col_stats.add(rows, s)
-        top, scale, best, index = (torch.cat(parts) for parts in zip(*row_stats))  # (N,) each
-        ctx.mark_non_differentiable(index)
-        saved, outputs = [a, b, top, scale, best, index], [best, index]
-        if columns:
-            col = col_stats.finish(block, blocks)                            # (M,) each
-            ctx.mark_non_differentiable(col[3])
-            saved, outputs = saved + list(col), outputs + [col[2], col[3]]
-        ctx.save_for_backward(*saved, *([full] if store else []))
-        ctx.chunk, ctx.store, ctx.columns = chunk, store, columns
-        return tuple(outputs)
-
-    @staticmethod
-    def backward(ctx, grad_best, _grad_index, grad_best_col=None, _grad_index_col=None):
-        a, b, top, scale, best, index, *rest = ctx.saved_tensors
-        block = product_rows(a, b, rest[-1] if ctx.store else None)
-        rows_coef = grad_best / scale                        # (N,): d best_i / d S_ij = (onehot - p_ij) / s_i
-        if ctx.columns:
-            col_top, col_scale, col_best, col_index = rest[:4]
-            cols_coef = grad_best_col / col_scale            # (M,)
-        grad_a, grad_b = torch.empty_like(a), torch.zeros_like(b)
-        for s, e in row_blocks(a.shape[0], b.shape[0], ctx.chunk):
-            rows = block(s, e)                                                   # (R, M)
-            grad = exp_scaled(rows, top[s:e, None], scale[s:e, None], best[s:e, None])  # row softmax p_ij
-            grad.mul_(-rows_coef[s:e, None])
-            grad.index_put_((torch.arange(e - s, device=a.device), index[s:e]), rows_coef[s:e], accumulate=True)
-            if ctx.columns:
-                grad.sub_(exp_scaled(rows, col_top, col_scale, col_best).mul_(cols_coef))  # column softmax
-                hit = ((col_index >= s) & (col_index < e)).nonzero().squeeze(1)   # columns whose best row is here
-                grad.index_put_((col_index[hit] - s, hit), cols_coef[hit], accumulate=True)
-            grad_a[s:e] = grad @ b                           # (R, M) @ (M, K)
-            grad_b.addmm_(grad.t(), a[s:e])                  # (M, R) @ (R, K)
-        return grad_a, grad_b, None, None, None
-
-
-def row_best(rows):
-    """Per row of a block (R, M): max, std + eps, best log sigma and its index, each (R,)."""
-    top, index = rows.max(1)
-    scale = rows.std(1) + SIGMA_EPS                          # unbiased, as torch.std in the official code
-    best = -exp_scaled(rows, top[:, None], scale[:, None]).sum(1).log_()  # the sum is >= 1
-    return top, scale, best, index
-
-
-class ColumnStats:
-    """Per column of S, read in row blocks: max, its row, and mean / variance merged block by block
-    (Chan et al.'s pairwise update, stable); `finish` makes the second pass the sum of exponentials
-    needs (it divides by the final std)."""
-
-    def __init__(self):
-        self.seen = 0
-
-    def add(self, rows, start):
-        """rows: (R, M), rows start.. start + R of S."""
-        top, index = rows.max(0)                             # (M,)
-        mean = rows.mean(0)
-        m2 = (rows - mean).square_().sum(0)
-        count = rows.shape[0]
-        if self.seen == 0:
-            self.top, self.index, self.mean, self.m2 = top, index + start, mean, m2
-        else:
-            better = top > self.top
-            self.top, self.index = torch.where(better, top, self.top), torch.where(better, index + start, self.index)
-            delta, total = mean - self.mean, self.seen + count
-            self.mean = self.mean + delta * (count / total)
-            self.m2 = self.m2 + m2 + delta.square() * (self.seen * count / total)
-        self.seen += count
-
-    def finish(self, block, blocks):
-        """(max, std + eps, best log sigma, index) per column, each (M,)."""
-        scale = (self.m2 / (self.seen - 1)).sqrt() + SIGMA_EPS   # unbiased std + eps
-        total = sum(exp_scaled(block(s, e), self.top, scale).sum(0) for s, e in blocks)
-        return self.top, scale, -total.log(), self.index
-
-
-class Aggregate(torch.autograd.Function):
-    """out = W c, W = softmax_rows(S / t), S = a b^T (a (N, K), b (M, K), c (M, Dc)); t_i = std_j S_ij + eps
-    with zscore (= sigma_rows(S), the mean drops out of a softmax), else 1. -> (N, Dc).
-
-    store keeps W for the backward (one N x M matrix); otherwise each block of W is recomputed from S.
-    """
-
-    @staticmethod
-    def forward(ctx, a, b, c, chunk, store, zscore):
-        n, m = a.shape[0], b.shape[0]
-        store = store and any(ctx.needs_input_grad[:3])
-        weights = a.new_empty(n, m) if store else None       # (N, M)
-        out, top, log_total = a.new_empty(n, c.shape[1]), a.new_empty(n), a.new_empty(n)
-        scale = a.new_ones(n)
-        for s, e in row_blocks(n, m, chunk):
-            w = a[s:e] @ b.t() if weights is None else torch.matmul(a[s:e], b.t(), out=weights[s:e])  # (R, M)
-            top[s:e] = w.max(1).values
-            if zscore:
-                scale[s:e] = w.std(1) + SIGMA_EPS
-            w.sub_(top[s:e, None]).div_(scale[s:e, None]).exp_()
-            total = w.sum(1)                                 # (R,), >= 1
-            log_total[s:e] = total.log()
-            out[s:e] = w.div_(total[:, None]) @ c            # (R, M) @ (M, Dc)
-        ctx.save_for_backward(a, b, c, out, top, scale, log_total, *([weights] if store else []))
-        ctx.chunk, ctx.store, ctx.symmetric = chunk, store, a is b
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        a, b, c, out, top, scale, log_total, *rest = ctx.saved_tensors
-        weights = rest[0] if ctx.store else None
-        # a is b (the cosine aggregation) and W kept: dS is kept too (the cycle's S is freed by then, so two
-        # N x N matrices at most) and dL/da = (dS + dS^T) b, one product instead of dS b + dS^T a
-        grad_full = torch.empty_like(weights) if weights is not None and ctx.symmetric else None
-        grad_a, grad_b, grad_c = torch.empty_like(a), torch.zeros_like(b), torch.zeros_like(c)
-        # softmax backward: dS_ij = W_ij (g_i . c_j - sum_j' W_ij' g_i . c_j') / t_i, and the sum is g_i . out_i
-        dot = (grad_out * out).sum(1, keepdim=True)          # (N, 1)
-        blocks = row_blocks(a.shape[0], b.shape[0], ctx.chunk)
-        for s, e in blocks:
-            if weights is None:
-                w = exp_scaled(a[s:e] @ b.t(), top[s:e, None], scale[s:e, None], -log_total[s:e, None])
-            else:
-                w = weights[s:e]                             # (R, M)
-            grad_c.addmm_(w.t(), grad_out[s:e])              # (M, R) @ (R, Dc)
-            if grad_full is None:
-                grad_s = grad_out[s:e] @ c.t()               # (R, Dc) @ (Dc, M)
-            else:
-                grad_s = torch.matmul(grad_out[s:e], c.t(), out=grad_full[s:e])
-            grad_s.sub_(dot[s:e]).mul_(w).div_(scale[s:e, None])   # (R, M)
-            if grad_full is None:
-                grad_a[s:e] = grad_s @ b                     # (R, M) @ (M, K)
-                grad_b.addmm_(grad_s.t(), a[s:e])            # (M, R) @ (R, K)
-        if grad_full is not None:
-            for s, e in blocks:
-                grad_a[s:e] = (grad_full[s:e] + grad_full[:, s:e].t()) @ b   # (R, N) @ (N, K)
-            grad_b = None
-        return grad_a, grad_b, grad_c, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,12 +185,13 @@ def subsample(n, k, generator, device):
     return torch.randperm(n, generator=generator)[:k].to(device)
 
 
-def association_loss(pair_terms, source_maps, target_maps, labels, max_pixels=0, generator=None):
+def association_loss(pair_terms, source_maps, target_maps, labels, max_pixels=0, generator=None, **options):
     """Mean of the kept per-pixel losses over every pair of the batch (official: one BCE over all).
 
-    source_maps: (B, K, h, w), target_maps: (B, K, h', w'), labels: (B, h, w) int64 at the map size;
-    pair_terms(src (N_s, K), tgt (N_t, K), labels (N_s,)) -> (nll, keep). Associations are per pair
-    b (source b with target b), computed in fp32 even under autocast. 0 (with a graph) if none kept.
+    source_maps: (B, E, h, w), target_maps: (B, E, h', w'), labels: (B, h, w) int64 at the map size;
+    pair_terms(src (N_s, E), tgt (N_t, E), labels (N_s,), **options) -> (nll, keep): feature_association
+    or classifier_association, options their alpha and chunk. Associations are per pair b (source b with
+    target b), computed in fp32 even under autocast. 0 (with a graph) if none kept.
     max_pixels > 0 associates that many random pixels per image, drawn from the CPU `generator`.
     """
     assert source_maps.dim() == 4 and target_maps.shape[:2] == source_maps.shape[:2]
@@ -410,12 +199,12 @@ def association_loss(pair_terms, source_maps, target_maps, labels, max_pixels=0,
     nlls, keeps = [], []
     with no_autocast(source_maps.device):
         for b in range(source_maps.shape[0]):  # one pair at a time: the N x N matrices are per pair
-            src = fp32(source_maps[b]).flatten(1).t()         # (N_s, K)
-            tgt = fp32(target_maps[b]).flatten(1).t()         # (N_t, K)
+            src = fp32(source_maps[b]).flatten(1).t()         # (N_s, E)
+            tgt = fp32(target_maps[b]).flatten(1).t()         # (N_t, E)
             lab = labels[b].reshape(-1)                       # (N_s,)
             s_idx = subsample(src.shape[0], max_pixels, generator, src.device)
             t_idx = subsample(tgt.shape[0], max_pixels, generator, tgt.device)
-            nll, keep = pair_terms(src[s_idx], tgt[t_idx], lab[s_idx])
+            nll, keep = pair_terms(src[s_idx], tgt[t_idx], lab[s_idx], **options)
             nlls.append(nll)
             keeps.append(keep)
         nll, keep = torch.cat(nlls), torch.cat(keeps)         # (sum N_s,)
@@ -505,11 +294,8 @@ class PLCA:
     needs_target = True
 
     def __init__(self, model, args, env):
-        if args.plca_iter_size < 1 or args.batch_size % args.plca_iter_size:
-            raise UserError(f"--plca-iter-size {args.plca_iter_size}: must be >= 1 and divide "
-                            f"--batch-size {args.batch_size}")
-        if not 0 <= args.plca_agg_alpha < 1:
-            raise UserError(f"--plca-agg-alpha {args.plca_agg_alpha}: expected a value in [0, 1)")
+        if args.batch_size % args.plca_iter_size:
+            raise UserError(f"--plca-iter-size {args.plca_iter_size}: must divide --batch-size {args.batch_size}")
         if args.plca_max_pixels == 1:
             raise UserError("--plca-max-pixels 1: need at least 2 pixels per image (or 0 for all)")
         self.model, self.env = model, env
@@ -522,9 +308,6 @@ class PLCA:
         self.optimizer = sgd(model.param_groups(args.head_lr_mult), args.lr, args.momentum, args.weight_decay)
         self.optimizers = [self.optimizer]
 
-    def associate(self, pair_terms, source_maps, target_maps, labels):
-        return association_loss(pair_terms, source_maps, target_maps, labels, self.max_pixels, self.generator)
-
     def losses(self, source_image, source_label, target_image):
         """Every logged loss term of one micro-batch (dict of scalars) and the weighted total."""
         with self.env.autocast():
@@ -534,14 +317,13 @@ class PLCA:
         ce, lovasz = supervised_loss(logits_s, source_label, self.lovasz_weight, self.align_corners)
         small_label = downsample_labels(source_label, feat_s.shape[-2:])   # (B, h, w)
         terms = {"ce": ce, "lovasz": lovasz} if self.lovasz_weight else {"ce": ce}
-        alpha, chunk = self.agg_alpha, self.chunk
         if self.lambda_fass:
-            terms["fass"] = self.associate(lambda u, v, y: feature_association(u, v, y, alpha, chunk),
-                                           feat_s, feat_t, small_label)
+            terms["fass"] = association_loss(feature_association, feat_s, feat_t, small_label, self.max_pixels,
+                                             self.generator, alpha=self.agg_alpha, chunk=self.chunk)
         if self.lambda_cass:
             probs_s, probs_t = torch.softmax(fp32(logits_s), 1), torch.softmax(fp32(logits_t), 1)  # (B, C, h, w)
-            terms["cass"] = self.associate(lambda p, q, y: classifier_association(p, q, y, alpha, chunk),
-                                           probs_s, probs_t, small_label)
+            terms["cass"] = association_loss(classifier_association, probs_s, probs_t, small_label, self.max_pixels,
+                                             self.generator, alpha=self.agg_alpha, chunk=self.chunk)
         if self.lambda_lsr:
             terms["lsr_s"], terms["lsr_t"] = lsr_loss(logits_s, self.lsr_tau), lsr_loss(logits_t, self.lsr_tau)
         total = (ce + self.lovasz_weight * lovasz + self.lambda_fass * terms.get("fass", 0.0)
@@ -573,27 +355,247 @@ class PLCA:
 
 def add_arguments(parser):
     group = parser.add_argument_group("plca")
-    group.add_argument("--plca-lambda-fass", type=float, default=0.1,
+    group.add_argument("--plca-lambda-fass", type=common.nonnegative_float, default=0.1,
                        help="lambda_fass: feature-level (layer4, cosine) association loss (official ASSO_W)")
-    group.add_argument("--plca-lambda-cass", type=float, default=0.1,
+    group.add_argument("--plca-lambda-cass", type=common.nonnegative_float, default=0.1,
                        help="lambda_cass: classifier-level (probabilities, -KL) association loss (official "
                             "ASSO_W; 0 = feature level only)")
-    group.add_argument("--plca-lambda-lsr", type=float, default=0.01,
+    group.add_argument("--plca-lambda-lsr", type=common.nonnegative_float, default=0.01,
                        help="lambda_lsr: weight of LSR on each domain (official LSR_W)")
-    group.add_argument("--plca-lsr-tau", type=float, default=10.0,
+    group.add_argument("--plca-lsr-tau", type=common.nonnegative_float, default=10.0,
                        help="tau of LSR: the mean -log p it pulls towards (official LSR_THRES)")
-    group.add_argument("--plca-agg-alpha", type=float, default=0.5,
+    group.add_argument("--plca-agg-alpha", type=common.fraction_below_one, default=0.5,
                        help="alpha of the target spatial aggregation in training, in [0, 1) (official "
                             "SPAGG_ALPHA; 0 = no aggregation)")
-    group.add_argument("--plca-chunk", type=int, default=0,
+    group.add_argument("--plca-chunk", type=common.nonnegative_int, default=0,
                        help="keep no N x N matrix for the backward: recompute the association this many rows "
                             "at a time (exact, less memory, slower); 0 = keep the feature level's two")
-    group.add_argument("--plca-max-pixels", type=int, default=0,
+    group.add_argument("--plca-max-pixels", type=common.nonnegative_int, default=0,
                        help="associate a random subset of this many pixels per image (approximate, less "
                             "memory); 0 = every pixel (faithful)")
-    group.add_argument("--plca-iter-size", type=int, default=1,
+    group.add_argument("--plca-iter-size", type=common.positive_int, default=1,
                        help="micro-batches per optimizer step, each forwarded separately (official "
                             "ITER_SIZE = 2 with 2 pairs per GPU); must divide --batch-size")
 
 
 Method = PLCA
+
+
+# ==================================================================================================
+# Custom autograd functions: the N x N association maths in row blocks, with hand-written backward
+# passes. The losses above call only BestLinks.apply and Aggregate.apply; this section makes them
+# exact in fp32 without keeping N x N x E tensors. First the plain definitions (N x M at once) that
+# the blocked functions compute (the tests compare the two), then the blocks.
+# ==================================================================================================
+def zscore_rows(scores):
+    """(r - mean(r)) / (std(r) + eps) per row with DETACHED mean and unbiased std: an adaptive per-row
+    temperature, not part of the objective (official `scoring`). scores: (N, M), M >= 2 -> (N, M) fp32."""
+    assert scores.dim() == 2 and scores.shape[1] >= 2, scores.shape
+    scores = fp32(scores)
+    mean = scores.mean(1, keepdim=True).detach()   # (N, 1)
+    std = scores.std(1, keepdim=True).detach()     # (N, 1), unbiased like torch.std in the official code
+    return (scores - mean) / (std + SIGMA_EPS)
+
+
+def log_sigma(scores):
+    """log sigma(scores): row-wise log_softmax of the z-scored rows. (N, M) -> (N, M)."""
+    return torch.log_softmax(zscore_rows(scores), dim=1)
+
+
+def sigma(scores):
+    """sigma(scores): row-wise softmax of the z-scored rows. (N, M) -> (N, M), rows sum to one."""
+    return torch.softmax(zscore_rows(scores), dim=1)
+
+
+def cosine_matrix(x, y):
+    """cos(x_i, y_j): x (N, D), y (M, D) -> (N, M). Zero vectors give cosine 0 (F.normalize eps)."""
+    return F.normalize(fp32(x), dim=1) @ F.normalize(fp32(y), dim=1).t()   # (N, D) @ (D, M)
+
+
+def neg_kl_matrix(p, q):
+    """-KL(p_i || q_j) = sum_c p_ic log(q_jc + eps) - sum_c p_ic log(p_ic + eps).
+
+    p: (N, C), q: (M, C) probabilities -> (N, M).
+    """
+    p, q = fp32(p), fp32(q)
+    neg_entropy = (p * torch.log(p + KL_EPS)).sum(1, keepdim=True)   # (N, 1)
+    return p @ torch.log(q + KL_EPS).t() - neg_entropy                # (N, C) @ (C, M) - (N, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The same maths in row blocks of S = a b^T, with hand-written backward passes
+# --------------------------------------------------------------------------------------------------
+def row_blocks(n, m, chunk):
+    """(start, end) of the row blocks of an (n, m) matrix: `chunk` rows each, or about BLOCK_ELEMENTS
+    entries each when chunk <= 0."""
+    rows = chunk if chunk > 0 else max(1, BLOCK_ELEMENTS // max(m, 1))
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def product_rows(a, b, full):
+    """Rows [s, e) of S = a b^T: a slice of `full` when it is kept, else recomputed. -> fn(s, e)."""
+    if full is not None:
+        return lambda s, e: full[s:e]
+    return lambda s, e: a[s:e] @ b.t()          # (R, E) @ (E, M)
+
+
+def exp_scaled(block, top, scale, shift=None):
+    """exp((block - top) / scale + shift) into a new tensor; the arguments broadcast against block."""
+    scaled = (block - top).div_(scale)
+    return (scaled if shift is None else scaled.add_(shift)).exp_()
+
+
+class BestLinks(torch.autograd.Function):
+    """Best links under sigma of S = a b^T (a (N, E), b (M, E)), per row and optionally per column.
+
+    forward(a, b, chunk, store, columns) -> (best (N,), index (N,)[, best_col (M,), index_col (M,)]):
+    best_i = max_j log sigma(S_i.)_j = -log sum_j exp((S_ij - max_j S_ij) / s_i), s_i = std_j S_ij + eps,
+    index_i its argmax; the column outputs are the same for the rows of S^T. store keeps S for the
+    backward (one N x M matrix); otherwise every block is recomputed (one product more, and the column
+    statistics need a second pass over S in the forward). Indices carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, chunk, store, columns):
+        assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], (a.shape, b.shape)
+        assert a.shape[0] >= 2 and b.shape[0] >= 2, "sigma needs two pixels per set (unbiased std)"
+        store = store and any(ctx.needs_input_grad[:2])
+        full = a @ b.t() if store else None                                  # (N, M)
+        block = product_rows(a, b, full)
+        blocks = row_blocks(a.shape[0], b.shape[0], chunk)
+        row_stats, col_stats = [], ColumnStats() if columns else None
+        for s, e in blocks:
+            rows = block(s, e)                                               # (R, M)
+            row_stats.append(row_best(rows))
+            if columns:
+                col_stats.add(rows, s)
+        top, scale, best, index = (torch.cat(parts) for parts in zip(*row_stats))  # (N,) each
+        ctx.mark_non_differentiable(index)
+        saved, outputs = [a, b, top, scale, best, index], [best, index]
+        if columns:
+            col = col_stats.finish(block, blocks)                            # (M,) each
+            ctx.mark_non_differentiable(col[3])
+            saved, outputs = saved + list(col), outputs + [col[2], col[3]]
+        ctx.save_for_backward(*saved, *([full] if store else []))
+        ctx.chunk, ctx.store, ctx.columns = chunk, store, columns
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_best, _grad_index, grad_best_col=None, _grad_index_col=None):
+        a, b, top, scale, best, index, *rest = ctx.saved_tensors
+        block = product_rows(a, b, rest[-1] if ctx.store else None)
+        rows_coef = grad_best / scale                        # (N,): d best_i / d S_ij = (onehot - p_ij) / s_i
+        if ctx.columns:
+            col_top, col_scale, col_best, col_index = rest[:4]
+            cols_coef = grad_best_col / col_scale            # (M,)
+        grad_a, grad_b = torch.empty_like(a), torch.zeros_like(b)
+        for s, e in row_blocks(a.shape[0], b.shape[0], ctx.chunk):
+            rows = block(s, e)                                                   # (R, M)
+            grad = exp_scaled(rows, top[s:e, None], scale[s:e, None], best[s:e, None])  # row softmax p_ij
+            grad.mul_(-rows_coef[s:e, None])
+            grad.index_put_((torch.arange(e - s, device=a.device), index[s:e]), rows_coef[s:e], accumulate=True)
+            if ctx.columns:
+                grad.sub_(exp_scaled(rows, col_top, col_scale, col_best).mul_(cols_coef))  # column softmax
+                hit = ((col_index >= s) & (col_index < e)).nonzero().squeeze(1)   # columns whose best row is here
+                grad.index_put_((col_index[hit] - s, hit), cols_coef[hit], accumulate=True)
+            grad_a[s:e] = grad @ b                           # (R, M) @ (M, E)
+            grad_b.addmm_(grad.t(), a[s:e])                  # (M, R) @ (R, E)
+        return grad_a, grad_b, None, None, None
+
+
+def row_best(rows):
+    """Per row of a block (R, M): max, std + eps, best log sigma and its index, each (R,)."""
+    top, index = rows.max(1)
+    scale = rows.std(1) + SIGMA_EPS                          # unbiased, as torch.std in the official code
+    best = -exp_scaled(rows, top[:, None], scale[:, None]).sum(1).log_()  # the sum is >= 1
+    return top, scale, best, index
+
+
+class ColumnStats:
+    """Per column of S, read in row blocks: max, its row, and mean / variance merged block by block
+    (Chan et al.'s pairwise update, stable); `finish` makes the second pass the sum of exponentials
+    needs (it divides by the final std)."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def add(self, rows, start):
+        """rows: (R, M), rows start.. start + R of S."""
+        top, index = rows.max(0)                             # (M,)
+        mean = rows.mean(0)
+        m2 = (rows - mean).square_().sum(0)
+        count = rows.shape[0]
+        if self.seen == 0:
+            self.top, self.index, self.mean, self.m2 = top, index + start, mean, m2
+        else:
+            better = top > self.top
+            self.top, self.index = torch.where(better, top, self.top), torch.where(better, index + start, self.index)
+            delta, total = mean - self.mean, self.seen + count
+            self.mean = self.mean + delta * (count / total)
+            self.m2 = self.m2 + m2 + delta.square() * (self.seen * count / total)
+        self.seen += count
+
+    def finish(self, block, blocks):
+        """(max, std + eps, best log sigma, index) per column, each (M,)."""
+        scale = (self.m2 / (self.seen - 1)).sqrt() + SIGMA_EPS   # unbiased std + eps
+        total = sum(exp_scaled(block(s, e), self.top, scale).sum(0) for s, e in blocks)
+        return self.top, scale, -total.log(), self.index
+
+
+class Aggregate(torch.autograd.Function):
+    """out = W c, W = softmax_rows(S / t), S = a b^T (a (N, E), b (M, E), c (M, Dc)); t_i = std_j S_ij + eps
+    with zscore (= sigma_rows(S), the mean drops out of a softmax), else 1. -> (N, Dc).
+
+    store keeps W for the backward (one N x M matrix); otherwise each block of W is recomputed from S.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, c, chunk, store, zscore):
+        n, m = a.shape[0], b.shape[0]
+        store = store and any(ctx.needs_input_grad[:3])
+        weights = a.new_empty(n, m) if store else None       # (N, M)
+        out, top, log_total = a.new_empty(n, c.shape[1]), a.new_empty(n), a.new_empty(n)
+        scale = a.new_ones(n)
+        for s, e in row_blocks(n, m, chunk):
+            w = a[s:e] @ b.t() if weights is None else torch.matmul(a[s:e], b.t(), out=weights[s:e])  # (R, M)
+            top[s:e] = w.max(1).values
+            if zscore:
+                scale[s:e] = w.std(1) + SIGMA_EPS
+            w.sub_(top[s:e, None]).div_(scale[s:e, None]).exp_()
+            total = w.sum(1)                                 # (R,), >= 1
+            log_total[s:e] = total.log()
+            out[s:e] = w.div_(total[:, None]) @ c            # (R, M) @ (M, Dc)
+        ctx.save_for_backward(a, b, c, out, top, scale, log_total, *([weights] if store else []))
+        ctx.chunk, ctx.store, ctx.symmetric = chunk, store, a is b
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b, c, out, top, scale, log_total, *rest = ctx.saved_tensors
+        weights = rest[0] if ctx.store else None
+        # a is b (the cosine aggregation) and W kept: dS is kept too (the cycle's S is freed by then, so two
+        # N x N matrices at most) and dL/da = (dS + dS^T) b, one product instead of dS b + dS^T a
+        grad_full = torch.empty_like(weights) if weights is not None and ctx.symmetric else None
+        grad_a, grad_b, grad_c = torch.empty_like(a), torch.zeros_like(b), torch.zeros_like(c)
+        # softmax backward: dS_ij = W_ij (g_i . c_j - sum_j' W_ij' g_i . c_j') / t_i, and the sum is g_i . out_i
+        dot = (grad_out * out).sum(1, keepdim=True)          # (N, 1)
+        blocks = row_blocks(a.shape[0], b.shape[0], ctx.chunk)
+        for s, e in blocks:
+            if weights is None:
+                w = exp_scaled(a[s:e] @ b.t(), top[s:e, None], scale[s:e, None], -log_total[s:e, None])
+            else:
+                w = weights[s:e]                             # (R, M)
+            grad_c.addmm_(w.t(), grad_out[s:e])              # (M, R) @ (R, Dc)
+            if grad_full is None:
+                grad_s = grad_out[s:e] @ c.t()               # (R, Dc) @ (Dc, M)
+            else:
+                grad_s = torch.matmul(grad_out[s:e], c.t(), out=grad_full[s:e])
+            grad_s.sub_(dot[s:e]).mul_(w).div_(scale[s:e, None])   # (R, M)
+            if grad_full is None:
+                grad_a[s:e] = grad_s @ b                     # (R, M) @ (M, E)
+                grad_b.addmm_(grad_s.t(), a[s:e])            # (M, R) @ (R, E)
+        if grad_full is not None:
+            for s, e in blocks:
+                grad_a[s:e] = (grad_full[s:e] + grad_full[:, s:e].t()) @ b   # (R, N) @ (N, E)
+            grad_b = None
+        return grad_a, grad_b, grad_c, None, None, None

@@ -217,7 +217,7 @@ def add_arguments(parser):
                             "write DIR/<name>.png class indices + DIR/labelspace.json")
     group.add_argument("--pseudo-rule", choices=RULES, default="argmax",
                        help="argmax: FADA (every pixel labelled); classwise: SDCA (255 below min(class median, cap))")
-    group.add_argument("--pseudo-cap", type=float, default=CLASSWISE_CAP,
+    group.add_argument("--pseudo-cap", type=common.fraction, default=CLASSWISE_CAP,
                        help="classwise: upper bound of every class threshold (SDCA/IntraDA: 0.9)")
     group.add_argument("--pseudo-bins", type=common.positive_int, default=HISTOGRAM_BINS,
                        help="classwise: histogram bins of max-probability; the median is exact to 1/bins")

@@ -75,13 +75,6 @@ class _ClassCounts(torch.utils.data.Dataset):
         return torch.from_numpy(counts.astype(np.int64))
 
 
-def _comm_device():
-    """Collectives on NCCL need CUDA tensors; gloo and single-process runs use the CPU."""
-    if common.is_distributed() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def label_fingerprint(dataset):
     """A hash of (path, size, mtime_ns) of every label file the dataset reads (None for labels that are
     generated, not read: the toy): it changes whenever a label file is edited or replaced, even when its
@@ -131,7 +124,7 @@ def compute_class_counts(dataset, num_classes, workers=0, log=None):
         done += len(batch)
         if log and (done // 16) % 100 == 0:
             log(f"class statistics: {done}/{len(indices)} images on this rank")
-    return common.all_reduce_sum(counts.to(_comm_device())).cpu().numpy()
+    return common.all_reduce_sum(counts.to(common.comm_device())).cpu().numpy()
 
 
 def class_statistics(dataset, num_classes, cache_path=None, workers=0):
@@ -141,7 +134,7 @@ def class_statistics(dataset, num_classes, cache_path=None, workers=0):
     computation is summed), so every rank holds the same statistics even without a shared filesystem.
     """
     names = [dataset.item_name(i) for i in range(len(dataset))]
-    device = _comm_device()
+    device = common.comm_device()
     fingerprint = label_fingerprint(dataset) if common.is_main_process() else None
     counts = _load_cache(cache_path, names, num_classes, fingerprint) if common.is_main_process() else None
     found = common.all_reduce_sum(torch.tensor([counts is not None], dtype=torch.int64, device=device))

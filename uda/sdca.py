@@ -1,7 +1,11 @@
 """SDCA: pixel contrastive adaptation guided by per-class Gaussian statistics, with its estimator.
 
-Copy with: uda/common.py, uda/augment.py, uda/source_only.py (the `init` command at the end also imports
-uda/evaluation.py, uda/datasets.py and uda/models.py, inside `init_main`).
+Copy with: uda/common.py, uda/augment.py, uda/source_only.py. The `init` command at the end
+(`python -m uda.sdca init`) reads a checkpoint and the source dataset, so it also needs uda/datasets.py,
+uda/evaluation.py and the files they import; it imports them inside `init_main` so that the method
+itself does not. It stays in this file because it writes the statistics file that --sdca-init-stats
+reads back (`ClassStatistics`, `load_init_statistics`): the writer and the reader of one format side by
+side, and it is stage 2 of this method's recipe.
 
 Shuang Li, Binhui Xie, Bin Zang, Chi Harold Liu, Xinjing Cheng, Ruigang Yang, Guoren Wang,
 "Semantic Distribution-aware Contrastive Adaptation for Semantic Segmentation", arXiv 2105.05013 (2021).
@@ -10,26 +14,26 @@ core/utils/semantic_dist_estimator.py, core/datasets/build.py, semantic_dist_ini
 for every detail below.
 
 Symbols. F: backbone features at the output stride, one row per pixel, (N, D); O: classifier logits at
-the same stride, (N, K), before upsampling; y_s: source labels nearest-downsampled to the feature size;
+the same stride, (N, C), before upsampling; y_s: source labels nearest-downsampled to the feature size;
 yhat_t: target pseudo-labels argmax softmax(O_t) with no gradient, 255 where max softmax < delta.
-For either level, class k has a mean mu_k and a diagonal variance sig2_k (vectors of D or K entries),
+For either level, class c has a mean mu_c and a diagonal variance sig2_c (vectors of D or C entries),
 estimated from SOURCE pixels only (ground-truth labels, detached) and never receiving gradients.
 
 Pixel contrastive loss (the closed-form upper bound), for one level, over the pixels with y != 255:
-    z = f / ||f||,   mu_hat_k = mu_k / ||mu_k||,   sig2_hat_k = sig2_k / ||sig2_k||_2   (all L2 norms)
+    z = f / ||f||,   mu_hat_c = mu_c / ||mu_c||,   sig2_hat_c = sig2_c / ||sig2_c||_2   (all L2 norms)
     L_pcl(F, y) = mean_i [ -z_i . mu_hat_{y_i} / tau
-                           + log sum_k exp( z_i . mu_hat_k / tau + 1/2 sum_d z_id^2 sig2_hat_kd / tau^2 ) ]
-It bounds E[ CE(z . m / tau, y) ] for class means m_k ~ N(mu_hat_k, diag(sig2_hat_k)) from above
+                           + log sum_c exp( z_i . mu_hat_c / tau + 1/2 sum_d z_id^2 sig2_hat_cd / tau^2 ) ]
+It bounds E[ CE(z . m / tau, y) ] for class means m_c ~ N(mu_hat_c, diag(sig2_hat_c)) from above
 (Jensen + the Gaussian moment-generating function): contrast against infinitely many sampled
-positives/negatives at the cost of one K-way softmax. The official code writes it as CE on
+positives/negatives at the cost of one C-way softmax. The official code writes it as CE on
 "z.mu/tau + z^2.sig2/(2 tau^2)" plus a term that cancels the true class's variance; the form above is
-the same number. Only pixels of classes present in the batch contribute; the sum runs over all K.
+the same number. Only pixels of classes present in the batch contribute; the sum runs over all C.
 
 Class statistics (exact cumulative pooled mean / biased variance, no momentum), per batch of source
-pixels: n_k pixels of class k, batch mean m_k, batch biased variance v_k, accumulated count N_k,
-w_k = n_k / (n_k + N_k) (0 when n_k = 0):
-    sig2_k <- (1 - w_k) sig2_k + w_k v_k + w_k (1 - w_k) (mu_k - m_k)^2
-    mu_k   <- (1 - w_k) mu_k + w_k m_k,        N_k <- N_k + n_k
+pixels: n_c pixels of class c, batch mean m_c, batch biased variance v_c, accumulated count N_c,
+w_c = n_c / (n_c + N_c) (0 when n_c = 0):
+    sig2_c <- (1 - w_c) sig2_c + w_c v_c + w_c (1 - w_c) (mu_c - m_c)^2
+    mu_c   <- (1 - w_c) mu_c + w_c m_c,        N_c <- N_c + n_c
 They start from a distribution-initialisation pass of the source-only model (eval mode) over the whole
 source set resized to its training size (GTA5 1280x720), as official semantic_dist_init.py
 (`python -m uda.sdca init`, loaded with --sdca-init-stats), or, without it, empty: the first batch that
@@ -37,10 +41,11 @@ contains a class sets its statistics (w = 1) and later batches pool in.
 
 Source augmentation (source batch only; the target is not augmented), in the official order of
 core/datasets/build.py, with torchvision's semantics (uda/augment.py) and the method's generator:
-    x_s <- blur_{k, sigma}( gray_p( jitter_{b, c, s, h}(x_s) ) )
-jitter: ColorJitter(b, c, s, h), always applied [--sdca-jitter, official 0.5 0.5 0.5 0.2]; gray_p:
-RandomGrayscale(p) [--sdca-grayscale, 0.2]; blur: k x k Gaussian, sigma ~ U(MIN, MAX), always applied
-[--sdca-blur-kernel 3, --sdca-blur-sigma 0.1 2]. --sdca-augment off skips all three.
+    x_s <- blur_{k, sigma}( gray_p( jitter(x_s) ) )
+jitter: ColorJitter(brightness, contrast, saturation, hue), always applied [--sdca-jitter, official
+0.5 0.5 0.5 0.2]; gray_p: RandomGrayscale(p) [--sdca-grayscale, 0.2]; blur: k x k Gaussian, sigma ~
+U(MIN, MAX), always applied [--sdca-blur-kernel 3, --sdca-blur-sigma 0.1 2]. --sdca-augment off skips
+all three.
 
 Total objective of the SDCA stage (flags in brackets):
     L = CE(up(O_s), y_s) + lambda_lovasz Lovasz(softmax(up(O_s)), y_s)                  [--lovasz-weight]
@@ -61,8 +66,8 @@ once at the end), so all ranks hold identical statistics; gradients: see common.
 Deviations (from the official code):
 - Statistics are all-reduced across ranks (official: one estimator per GPU, its gather left unused).
 - Statistics are buffers saved in checkpoints and restored on resume (official: not saved).
-- The update uses matrix products onehot^T X and onehot^T (X - m_y)^2: O(N*D + K*D) memory in fp32,
-  the same numbers to float rounding (official: several N x K x D tensors). Centred second moments
+- The update uses matrix products onehot^T X and onehot^T (X - m_y)^2: O(N*D + C*D) memory in fp32,
+  the same numbers to float rounding (official: several N x C x D tensors). Centred second moments
   instead of E[x^2] - m^2 avoid cancellation in fp32.
 - Counts are float64 (official fp32 stops counting exactly after 2^24 pixels of a class).
 - Source augmentation runs on the float batch in torch, after the loader, instead of on PIL images in
@@ -73,8 +78,8 @@ Deviations (from the official code):
   which read it from the checkpoint); the contrastive losses and this stage's target pseudo-labels work
   at the feature stride, as official. The warm-up matches only when run with --align-corners
   (source_only's default is False).
-- From the paper's full covariance Sigma_k (as the official code): diagonal only. A full one needs
-  K x D x D statistics and N*K*D^2 multiply-adds per L_pcl call (four per iteration), more than the whole
+- From the paper's full covariance Sigma_c (as the official code): diagonal only. A full one needs
+  C x D x D statistics and N*C*D^2 multiply-adds per L_pcl call (four per iteration), more than the whole
   network step; no --sdca-cov option.
 """
 import os
@@ -97,8 +102,8 @@ GENERATOR_STREAM = "sdca"  # common.method_generator's stream, named after the m
 def pcl_loss(features, labels, mean, var, tau):
     """Pixel contrastive loss against class Gaussians (closed-form upper bound), fp32, scalar.
 
-    features: (N, D) any float dtype (gradients flow into it); labels: (N,) int64 in [0, K) or 255;
-    mean, var: (K, D) class means and diagonal variances, detached. 0 (with a graph) if no valid pixel.
+    features: (N, D) any float dtype (gradients flow into it); labels: (N,) int64 in [0, C) or 255;
+    mean, var: (C, D) class means and diagonal variances, detached. 0 (with a graph) if no valid pixel.
     """
     assert features.dim() == 2 and labels.shape == features.shape[:1], (features.shape, labels.shape)
     assert mean.shape == var.shape and mean.shape[1] == features.shape[1], (mean.shape, var.shape)
@@ -109,10 +114,10 @@ def pcl_loss(features, labels, mean, var, tau):
             return features.float().sum() * 0.0
         z = F.normalize(features[valid].float(), dim=1)           # (M, D) unit pixels
         y = labels[valid]                                         # (M,)
-        mu = F.normalize(mean.float(), dim=1)                     # (K, D); an empty class stays 0
-        sig2 = F.normalize(var.float(), dim=1)                    # (K, D)
-        sim = z @ mu.t() / tau                                    # (M, K)
-        logits = sim + GAUSSIAN_MGF_HALF * (z * z) @ sig2.t() / tau ** 2  # (M, K)
+        mu = F.normalize(mean.float(), dim=1)                     # (C, D); an empty class stays 0
+        sig2 = F.normalize(var.float(), dim=1)                    # (C, D)
+        sim = z @ mu.t() / tau                                    # (M, C)
+        logits = sim + GAUSSIAN_MGF_HALF * (z * z) @ sig2.t() / tau ** 2  # (M, C)
         positive = sim.gather(1, y[:, None]).squeeze(1)           # (M,)
         return (torch.logsumexp(logits, dim=1) - positive).mean()
 
@@ -124,7 +129,7 @@ def flatten_pixels(x):
 
 @torch.no_grad()
 def confident_pseudo_labels(logits, delta):
-    """argmax of softmax(logits) (B, K, h, w) -> (B, h, w); 255 where the max probability < delta."""
+    """argmax of softmax(logits) (B, C, h, w) -> (B, h, w); 255 where the max probability < delta."""
     confidence, labels = torch.softmax(logits.float(), dim=1).max(dim=1)  # (B, h, w) each
     return labels.masked_fill(confidence < delta, IGNORE_INDEX)
 
@@ -133,7 +138,7 @@ def confident_pseudo_labels(logits, delta):
 # Class statistics: exact pooled mean / diagonal variance, buffers, all-reduced under DDP
 # --------------------------------------------------------------------------------------------------
 class ClassStatistics(nn.Module):
-    """Per-class mean (K, D), biased diagonal variance (K, D) in fp32 and pixel count (K,) in fp64.
+    """Per-class mean (C, D), biased diagonal variance (C, D) in fp32 and pixel count (C,) in fp64.
 
     Features of any dtype are accumulated in the buffers' dtype (fp32; fp64 after `.double()`).
     """
@@ -147,10 +152,10 @@ class ClassStatistics(nn.Module):
 
     @torch.no_grad()
     def batch_moments(self, features, labels, sync=True):
-        """Count (K,), mean (K, D), biased variance (K, D) of this batch's pixels per class.
+        """Count (C,), mean (C, D), biased variance (C, D) of this batch's pixels per class.
 
-        features: (N, D); labels: (N,) in [0, K) or 255. With sync, the sums run over all ranks.
-        Memory O(N*D + N*K + K*D): one-hot matrix products, never an N x K x D tensor.
+        features: (N, D); labels: (N,) in [0, C) or 255. With sync, the sums run over all ranks.
+        Memory O(N*D + N*C + C*D): one-hot matrix products, never an N x C x D tensor.
         """
         assert features.dim() == 2 and features.shape[1] == self.dim and labels.shape == features.shape[:1]
         assert bool(((labels >= 0) & (labels < self.num_classes) | (labels == IGNORE_INDEX)).all()), \
@@ -158,16 +163,16 @@ class ClassStatistics(nn.Module):
         x = features.detach().to(self.mean.dtype)                              # (N, D), fp32 under AMP too
         valid = labels != IGNORE_INDEX                                          # (N,)
         index = labels.masked_fill(~valid, 0)                                   # (N,)
-        onehot = F.one_hot(index, self.num_classes).to(x.dtype) * valid[:, None]  # (N, K), ignored rows 0
-        count = onehot.sum(0).double()                                          # (K,)
-        sums = onehot.t() @ x                                                   # (K, D)
+        onehot = F.one_hot(index, self.num_classes).to(x.dtype) * valid[:, None]  # (N, C), ignored rows 0
+        count = onehot.sum(0).double()                                          # (C,)
+        sums = onehot.t() @ x                                                   # (C, D)
         if sync:
             common.all_reduce_sum(count)
             common.all_reduce_sum(sums)
-        divisor = count.clamp(min=1).to(x.dtype)[:, None]                       # (K, 1)
-        mean = sums / divisor                                                   # (K, D); 0 if absent
+        divisor = count.clamp(min=1).to(x.dtype)[:, None]                       # (C, 1)
+        mean = sums / divisor                                                   # (C, D); 0 if absent
         centred = mean[index].sub_(x).square_()                                 # (N, D), the one N x D buffer
-        squares = onehot.t() @ centred                                          # (K, D)
+        squares = onehot.t() @ centred                                          # (C, D)
         if sync:
             common.all_reduce_sum(squares)
         return count, mean, squares / divisor
@@ -175,9 +180,9 @@ class ClassStatistics(nn.Module):
     @torch.no_grad()
     def merge(self, count, mean, var):
         """Pool a batch's (count, mean, biased variance) into the running statistics, exactly."""
-        total = self.count + count                                              # (K,)
+        total = self.count + count                                              # (C,)
         w = torch.where(total > 0, count / total.clamp(min=1), torch.zeros_like(total))
-        w = w.to(self.mean.dtype)[:, None]                                      # (K, 1)
+        w = w.to(self.mean.dtype)[:, None]                                      # (C, 1)
         self.var.mul_(1 - w).add_(w * var + w * (1 - w) * (self.mean - mean).square())
         self.mean.mul_(1 - w).add_(w * mean)
         self.count.copy_(total)
@@ -191,11 +196,11 @@ class ClassStatistics(nn.Module):
         """Pool statistics gathered separately on each rank (the init pass) into the global ones."""
         if not common.is_distributed():
             return
-        weight = self.count.to(self.mean.dtype)[:, None]                        # (K, 1)
-        total = common.all_reduce_sum(self.count.clone())                       # (K,)
-        divisor = total.clamp(min=1).to(self.mean.dtype)[:, None]               # (K, 1)
-        mean = common.all_reduce_sum(self.mean * weight) / divisor              # (K, D)
-        spread = common.all_reduce_sum(weight * (self.var + (self.mean - mean).square()))  # (K, D)
+        weight = self.count.to(self.mean.dtype)[:, None]                        # (C, 1)
+        total = common.all_reduce_sum(self.count.clone())                       # (C,)
+        divisor = total.clamp(min=1).to(self.mean.dtype)[:, None]               # (C, 1)
+        mean = common.all_reduce_sum(self.mean * weight) / divisor              # (C, D)
+        spread = common.all_reduce_sum(weight * (self.var + (self.mean - mean).square()))  # (C, D)
         self.var.copy_(spread / divisor)
         self.mean.copy_(mean)
         self.count.copy_(total)
@@ -284,13 +289,13 @@ class SDCA:
         self.optimizer.zero_grad(set_to_none=True)
         images_s = self.augment_source(source["image"]) if args.sdca_augment == "on" else source["image"]
         with self.env.autocast():  # separate forwards: each domain normalises with its own batch statistics
-            feat_s, out_s = self.model(images_s)                                # (B, D, h, w), (B, K, h, w)
+            feat_s, out_s = self.model(images_s)                                # (B, D, h, w), (B, C, h, w)
             feat_t, out_t = self.model(target["image"])
         ce, lovasz = supervised_loss(out_s, source["label"], args.lovasz_weight, args.align_corners)
         y_s = downsample_labels(source["label"], feat_s.shape[-2:]).reshape(-1)  # (N,)
         y_t = confident_pseudo_labels(out_t.detach(), args.sdca_delta).reshape(-1)  # (N,)
         f_s, f_t = flatten_pixels(feat_s), flatten_pixels(feat_t)               # (N, D)
-        o_s, o_t = flatten_pixels(out_s), flatten_pixels(out_t)                 # (N, K)
+        o_s, o_t = flatten_pixels(out_s), flatten_pixels(out_t)                 # (N, C)
         # the statistics include the current source batch before the losses use them, as official
         self.feat_stats.update(f_s, y_s)
         self.out_stats.update(o_s, y_s)
@@ -324,42 +329,39 @@ class SDCA:
 
 
 def check_arguments(args):
-    if args.sdca_tau <= 0:
-        raise UserError(f"--sdca-tau {args.sdca_tau}: expected a positive temperature (official 100)")
-    if not 0 <= args.sdca_delta <= 1:
-        raise UserError(f"--sdca-delta {args.sdca_delta}: expected a probability in [0, 1] (official 0.9)")
-    if not 0 <= args.sdca_grayscale <= 1:
-        raise UserError(f"--sdca-grayscale {args.sdca_grayscale}: expected a probability in [0, 1]")
-    if min(args.sdca_jitter) < 0 or args.sdca_jitter[3] > 0.5:
-        raise UserError(f"--sdca-jitter {args.sdca_jitter}: expected brightness, contrast, saturation >= 0 "
-                        "and hue in [0, 0.5]")
-    if args.sdca_blur_kernel < 0 or (args.sdca_blur_kernel and args.sdca_blur_kernel % 2 == 0):
+    """The checks that relate values (ranges are the flags' argparse types)."""
+    if args.sdca_jitter[3] > 0.5:
+        raise UserError(f"--sdca-jitter {' '.join(map(str, args.sdca_jitter))}: expected the hue amount in [0, 0.5] "
+                        "(torchvision ColorJitter)")
+    if args.sdca_blur_kernel % 2 == 0 and args.sdca_blur_kernel:
         raise UserError(f"--sdca-blur-kernel {args.sdca_blur_kernel}: expected an odd size, or 0 for no blur")
-    if not 0 < args.sdca_blur_sigma[0] <= args.sdca_blur_sigma[1]:
-        raise UserError(f"--sdca-blur-sigma {args.sdca_blur_sigma}: expected 0 < MIN <= MAX")
+    if args.sdca_blur_sigma[0] > args.sdca_blur_sigma[1]:
+        raise UserError(f"--sdca-blur-sigma {' '.join(map(str, args.sdca_blur_sigma))}: expected MIN <= MAX")
 
 
 def add_arguments(parser):
     group = parser.add_argument_group("sdca")
-    group.add_argument("--sdca-lambda-feat", type=float, default=1.0,
+    group.add_argument("--sdca-lambda-feat", type=common.nonnegative_float, default=1.0,
                        help="weight of the feature-level pixel contrastive loss (source + target; SOLVER.LAMBDA_FEAT)")
-    group.add_argument("--sdca-lambda-out", type=float, default=1.0,
+    group.add_argument("--sdca-lambda-out", type=common.nonnegative_float, default=1.0,
                        help="weight of the output-level (logit) pixel contrastive loss (source + target; "
                             "SOLVER.LAMBDA_OUT)")
-    group.add_argument("--sdca-tau", type=float, default=100.0,
+    group.add_argument("--sdca-tau", type=common.positive_float, default=100.0,
                        help="temperature tau of the contrastive loss (official SOLVER.TAU = 100: a weak pull)")
-    group.add_argument("--sdca-delta", type=float, default=0.9,
+    group.add_argument("--sdca-delta", type=common.fraction, default=0.9,
                        help="target pixels whose max softmax probability is below this are ignored (SOLVER.DELTA)")
     group.add_argument("--sdca-init-stats", default=None, metavar="FILE",
                        help="class statistics from `python -m uda.sdca init` (default: start empty and "
                             "fill from the first source batches)")
     group.add_argument("--sdca-augment", choices=["on", "off"], default="on",
                        help="colour jitter / grayscale / blur of the source batch (official: on)")
-    group.add_argument("--sdca-jitter", type=float, nargs=4, default=[0.5, 0.5, 0.5, 0.2],
+    group.add_argument("--sdca-jitter", type=common.nonnegative_float, nargs=4, default=[0.5, 0.5, 0.5, 0.2],
                        metavar=("B", "C", "S", "H"), help="colour jitter brightness, contrast, saturation, hue")
-    group.add_argument("--sdca-grayscale", type=float, default=0.2, help="probability of grayscale")
-    group.add_argument("--sdca-blur-kernel", type=int, default=3, help="Gaussian blur kernel size (0: no blur)")
-    group.add_argument("--sdca-blur-sigma", type=float, nargs=2, default=[0.1, 2.0], metavar=("MIN", "MAX"),
+    group.add_argument("--sdca-grayscale", type=common.fraction, default=0.2, help="probability of grayscale")
+    group.add_argument("--sdca-blur-kernel", type=common.nonnegative_int, default=3,
+                       help="Gaussian blur kernel size (0: no blur)")
+    group.add_argument("--sdca-blur-sigma", type=common.positive_float, nargs=2, default=[0.1, 2.0],
+                       metavar=("MIN", "MAX"),
                        help="blur sigma drawn uniformly from [MIN, MAX]")
 
 
@@ -428,7 +430,7 @@ def init_main(argv=None):
             images = evaluation.resize_images(images, size)
             labels = downsample_labels(labels, (size[1], size[0]))
         with common.autocast(device, args.amp):
-            feats, logits = model(images)                                       # (B, D, h, w), (B, K, h, w)
+            feats, logits = model(images)                                       # (B, D, h, w), (B, C, h, w)
         y = downsample_labels(labels, feats.shape[-2:]).reshape(-1)             # (N,)
         # ranks see different numbers of images: pool locally, reduce once at the end
         feat_stats.update(flatten_pixels(feats), y, sync=False)

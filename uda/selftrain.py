@@ -167,8 +167,6 @@ def check_args(args):
     low, high = args.selftrain_scale_range
     if low > high:
         raise UserError(f"--selftrain-scale-range {low} {high}: expected MIN <= MAX")
-    if args.selftrain_flip_prob > 1:
-        raise UserError(f"--selftrain-flip-prob {args.selftrain_flip_prob}: expected a probability in [0, 1]")
     if args.selftrain_color_jitter[3] > 0.5:
         raise UserError(f"--selftrain-color-jitter {' '.join(map(str, args.selftrain_color_jitter))}: expected "
                         f"the hue amount in [0, 0.5] (torchvision ColorJitter)")
@@ -181,7 +179,7 @@ def add_arguments(parser):
     group.add_argument("--selftrain-scale-range", type=common.positive_float, nargs=2, default=(0.5, 1.5),
                        metavar=("MIN", "MAX"),
                        help="random scale of the delivered image before the crop (FADA INPUT_SCALES_TRAIN: 0.5 1.5)")
-    group.add_argument("--selftrain-flip-prob", type=common.nonnegative_float, default=0.5,
+    group.add_argument("--selftrain-flip-prob", type=common.fraction, default=0.5,
                        help="horizontal flip probability after the crop (FADA: 0.5; train.py's loader also flips "
                             "with 0.5, which composes to an overall 0.5)")
     group.add_argument("--selftrain-color-jitter", type=common.nonnegative_float, nargs=4,

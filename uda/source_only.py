@@ -1,5 +1,7 @@
 """Source-only training: the baseline every adaptation method is compared with, and its warm-up stage.
 
+Copy with: uda/common.py (the only file of uda/ this one imports).
+
 Supervised on labelled source images only (the target is not read):
 
     L = CE(up(z_s), y_s) + lambda_lovasz * Lovasz-softmax(softmax(up(z_s)), y_s)
