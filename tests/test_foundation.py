@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TOY_FAST, run_script
+from conftest import REPO, TOY_FAST, assert_user_error, run_script
 from uda import datasets, models, toy
 
 
@@ -137,15 +137,6 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_unknown_method_dataset_backbone(tmp_path):
     assert_user_error(run_script("train.py", "--method", "nope", "--out", tmp_path / "a"), "--method", "nope")
     assert_user_error(run_script("train.py", "--source", "mnist", "--out", tmp_path / "b", *TOY_FAST), "mnist")
