@@ -189,6 +189,7 @@ def write_images(folder):
     return shapes
 
 
+@pytest.mark.slow
 def test_folder_inference_writes_indices_colours_and_overlays(tmp_path, ckpts, capsys):
     images, out = tmp_path / "images", tmp_path / "pred"
     shapes = write_images(images)
@@ -225,6 +226,7 @@ def test_folder_inference_writes_indices_colours_and_overlays(tmp_path, ckpts, c
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.slow
 def test_folder_inference_under_torchrun_writes_what_one_process_writes(tmp_path, ckpts):
     images = tmp_path / "images"
     write_images(images)
@@ -238,6 +240,7 @@ def test_folder_inference_under_torchrun_writes_what_one_process_writes(tmp_path
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two") and len(snapshot(tmp_path / "one")) == 9
 
 
+@pytest.mark.slow
 def test_folder_inference_refuses_broken_and_clashing_images(tmp_path, ckpts):
     images = tmp_path / "images"
     write_images(images)
@@ -288,6 +291,7 @@ def test_the_protocol_is_printed_and_recorded(tmp_path, ckpts, short_val, capsys
     assert json.loads(multi.read_text())["protocol"]["flip"] is True  # --overwrite replaced the file
 
 
+@pytest.mark.slow
 def test_an_existing_json_is_not_clobbered(tmp_path, ckpts):
     json_path = tmp_path / "scores.json"
     json_path.write_text('{"miou": 50.0}')
@@ -298,6 +302,7 @@ def test_an_existing_json_is_not_clobbered(tmp_path, ckpts):
     refused_in_process(["--ckpt", ckpts["toy"], "--json", tmp_path], "--json", "is a folder")
 
 
+@pytest.mark.slow
 def test_outputs_never_go_into_the_dataset_or_over_pseudo_labels(tmp_path, ckpts):
     data = tmp_path / "data"
     (data / "cityscapes").mkdir(parents=True)
@@ -318,6 +323,7 @@ def test_outputs_never_go_into_the_dataset_or_over_pseudo_labels(tmp_path, ckpts
     assert snapshot(pseudo) == before
 
 
+@pytest.mark.slow
 def test_another_label_space_is_refused(tmp_path, ckpts):
     # a 16-class SYNTHIA model scored on the toy printed 'mIoU16 0.44' before
     assert_user_error(run_script("evaluate.py", "--ckpt", ckpts["synthia16"], "--target", "toy-real", *FAST),
@@ -340,6 +346,7 @@ def test_another_label_space_is_refused(tmp_path, ckpts):
     refused_in_process(["--ckpt", folder_ckpt, "--data-root", tmp_path / "data"], "classes.json", "water")
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(tmp_path, ckpts):
     assert_user_error(run_script("evaluate.py", "--ckpt", ckpts["toy"], "--batch-size", "0"), "--batch-size", "0")
     for flags, needle in ((["--workers", "-1"], "--workers"), (["--scales", "1.0", "0"], "--scales"),

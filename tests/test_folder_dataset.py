@@ -473,6 +473,7 @@ def test_samplers_on_a_folder_dataset(tmp_path, folder):
     assert samplers.default_cache_path(args, ds, space) != key
 
 
+@pytest.mark.slow
 def test_make_script_cli(tmp_path, run):
     out = tmp_path / "made"
     result = run("tests/make_folder_dataset.py", out, "--unlabelled", "--jpg", "--train", "2", "--val", "1")
@@ -484,6 +485,7 @@ def test_make_script_cli(tmp_path, run):
         make(str(out))
 
 
+@pytest.mark.slow
 def test_train_folder_to_folder(tmp_path, folder):
     """train.py end to end: --source folder -> --target folder, class-balanced sampler, evaluation mIoU4."""
     import train
