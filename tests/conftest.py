@@ -23,3 +23,19 @@ def run_script(script, *args, env=None, timeout=600):
 @pytest.fixture
 def run():
     return run_script
+
+
+def assert_user_error(result, *fragments):
+    """The standard for bad input: exit code 2, no traceback, one line `error: ...` holding each fragment."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert str(fragment) in lines[0], lines[0]
+
+
+def pytest_configure(config):
+    # the fast tier is `pytest -m "not slow"`; CI runs everything
+    config.addinivalue_line("markers", "slow: runs the scripts in a subprocess, torchrun, signals, the benchmark "
+                                       "pipeline, MiT-B5, or takes more than ~1.5 s (skipped by -m 'not slow')")

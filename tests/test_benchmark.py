@@ -8,6 +8,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 from conftest import REPO
 
 from uda import daformer, fada, flags, plca
@@ -20,6 +21,7 @@ def run_benchmark(*args, timeout=600):
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_results_json_and_table(tmp_path):
     out = tmp_path / "bench"
     proc = run_benchmark("--out", out, "--methods", "plca", "--seeds", "1", "--iters", "4",
@@ -244,6 +246,7 @@ def test_failed_run_is_reported_not_hidden():
     assert "| m | failed: exit 1" in toy.markdown_table(methods)
 
 
+@pytest.mark.slow
 def test_unknown_method_is_a_one_line_error(tmp_path):
     proc = run_benchmark("--out", tmp_path, "--methods", "fada,nosuch", timeout=120)
     assert proc.returncode == 2 and "--methods" in proc.stderr and "nosuch" in proc.stderr

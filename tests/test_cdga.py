@@ -261,6 +261,7 @@ def read_log(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_group_usage_stays_spread_after_short_toy_run(run, tmp_path):
     out = tmp_path / "usage"
     result = run("train.py", "--method", "cdga", "--out", out, *TOY_FAST, "--iters", "80", "--log-every", "20",
@@ -293,6 +294,7 @@ def float_tensors(obj, prefix=""):
     return {path: t for key, value in items for path, t in float_tensors(value, f"{prefix}/{key}").items()}
 
 
+@pytest.mark.slow
 def test_smoke_and_resume_exact(run, tmp_path):
     """Stopped at iteration 3 (not an evaluation iteration of the straight run: --eval-every 0) and resumed:
     every float tensor of last.pt (G, Cnet, Dnet, their optimizers) equals the straight run's."""
@@ -318,6 +320,7 @@ def test_smoke_and_resume_exact(run, tmp_path):
         assert torch.equal(tensor, tensors_b[path]), path
 
 
+@pytest.mark.slow
 def test_bad_group_count_is_one_line_error(run, tmp_path):
     result = run("train.py", "--method", "cdga", "--out", tmp_path / "x", *TOY_FAST, "--cdga-groups", "1")
     assert result.returncode == 2 and "--cdga-groups" in result.stderr and "Traceback" not in result.stderr

@@ -77,6 +77,7 @@ def test_time_in_turns_alternates_and_takes_medians():
     ("fada", ["--device", "cpu", "--crop", "64x32", "--batch-size", "1", "--steps", "2", "--warmup", "1"],
      ["source_only", "fada", "fada generator step", "fada discriminator step"], 3),
 ])
+@pytest.mark.slow
 def test_cheap_measurements_print_finite_figures(what, flags, rows, numbers):
     proc = run_cost("--what", what, *flags)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -89,6 +90,7 @@ def test_cheap_measurements_print_finite_figures(what, flags, rows, numbers):
         assert float(table[0][3]) == 1.0  # ratios are to the first row
 
 
+@pytest.mark.slow
 def test_unknown_measurement_is_a_one_line_error():
     proc = run_cost("--what", "nosuch", timeout=120)
     assert proc.returncode == 2 and "--what" in proc.stderr and "nosuch" in proc.stderr

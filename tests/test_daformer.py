@@ -350,6 +350,7 @@ def test_rcs_probabilities_against_the_formula():
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_smoke_run_exact_resume_and_independence_from_eval_every(tmp_path, toy_stats):
     """The uninterrupted run is the smoke run. 3 + 3 iterations through a checkpoint (iteration 3 is no
     evaluation point of the uninterrupted run) and a run evaluating every 2 iterations must end with

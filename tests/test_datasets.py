@@ -532,6 +532,7 @@ def test_train_errors_are_one_line(tmp_path):
     assert "\n" not in str(err.value) and "gta5" in str(err.value) and "images/" in str(err.value)
 
 
+@pytest.mark.slow
 def test_toy_pseudo_labels_and_samplers_in_train(tmp_path):
     pseudo = tmp_path / "pseudo"
     os.makedirs(pseudo)
@@ -560,6 +561,7 @@ def test_toy_pseudo_labels_and_samplers_in_train(tmp_path):
     assert "toy-real_train_00012.png" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_train_on_real_layouts(tmp_path, lists_dir):
     """gta5 -> cityscapes through train.py on the tiny trees: real readers, class-balanced sampler, eval."""
     import train

@@ -258,6 +258,7 @@ def test_dida_recipe_is_daformers_and_it_never_writes_args():
     assert_never_writes_args("dida")
 
 
+@pytest.mark.slow
 def test_smoke_run_exact_resume_and_independence_from_eval_every(tmp_path, toy_stats):
     """The uninterrupted run is the smoke run (simmatch mode, RCS source sampling, the DAFormer recipe),
     evaluating at the end only. The other run evaluates every 2 iterations and stops at 3 (no evaluation

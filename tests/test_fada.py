@@ -287,6 +287,7 @@ def tensors(obj, prefix=""):
     return found
 
 
+@pytest.mark.slow
 def test_train_fada_smoke_and_resume_is_exact(tmp_path):
     """Split at iteration 3, between the evaluations at 2 and 4, and with loader workers in the split run
     only: every tensor of last.pt (trainable BN buffers included) must agree with the straight run's."""
@@ -312,6 +313,7 @@ def test_train_fada_smoke_and_resume_is_exact(tmp_path):
     assert not [k for k in ta if not torch.equal(ta[k], tb[k])]
 
 
+@pytest.mark.slow
 def test_selftrain_needs_pseudo_dir(tmp_path):
     result = run_script("train.py", "--method", "selftrain", "--out", tmp_path / "run", *TOY_FAST,
                         "--stop-iter", "6", "--selftrain-crop", "64x32")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TOY_FAST, run_script
+from conftest import REPO, TOY_FAST, assert_user_error, run_script
 from uda import datasets, models, toy
 
 
@@ -61,6 +61,7 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_smoke(tmp_path):
     out = tmp_path / "run"
     result = run_script("train.py", "--method", "source_only", "--lovasz-weight", "0.75", "--out", out, *TOY_FAST)
@@ -86,6 +87,7 @@ def load_model_state(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     common_flags = [*TOY_FAST, "--workers", "1"]
     common_flags[common_flags.index("--iters") + 1] = "8"
@@ -104,6 +106,7 @@ def test_resume_continues_exactly(tmp_path):
     assert tail(straight) == pytest.approx(tail(split), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_step_runs_on_cpu(tmp_path):
     result = run_script("train.py", "--out", tmp_path / "bf16", "--amp", "bf16", *TOY_FAST)
     assert result.returncode == 0, result.stderr
@@ -122,6 +125,7 @@ def test_bf16_forward_close_to_fp32():
     assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max() + 1e-3
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -137,15 +141,7 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
+@pytest.mark.slow
 def test_unknown_method_dataset_backbone(tmp_path):
     assert_user_error(run_script("train.py", "--method", "nope", "--out", tmp_path / "a"), "--method", "nope")
     assert_user_error(run_script("train.py", "--source", "mnist", "--out", tmp_path / "b", *TOY_FAST), "mnist")
@@ -153,6 +149,7 @@ def test_unknown_method_dataset_backbone(tmp_path):
                       "--backbone", "resnet9")
 
 
+@pytest.mark.slow
 def test_output_folder_of_another_run_is_refused(tmp_path):
     out = tmp_path / "run"
     assert run_script("train.py", "--out", out, *TOY_FAST).returncode == 0
@@ -161,6 +158,7 @@ def test_output_folder_of_another_run_is_refused(tmp_path):
     assert os.path.getmtime(out / "last.pt") == before  # nothing overwritten
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_class_count_is_refused(tmp_path):
     other = models.build_model("tiny", 16)  # a 16-class head where the toy expects 19
     path = tmp_path / "other.pt"
@@ -175,6 +173,7 @@ def test_checkpoint_of_another_class_count_is_refused(tmp_path):
     assert_user_error(run_script("evaluate.py", "--ckpt", tmp_path / "garbage.pt"), "garbage.pt")
 
 
+@pytest.mark.slow
 def test_bad_sizes_and_schedule_flags(tmp_path):
     assert_user_error(run_script("train.py", "--out", tmp_path / "a", "--crop", "128", *TOY_FAST), "--crop")
     assert_user_error(run_script("train.py", "--out", tmp_path / "b", *TOY_FAST, "--stop-iter", "99"), "--stop-iter")

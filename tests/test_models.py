@@ -280,6 +280,7 @@ def test_own_checkpoint_restores_weights_and_normalisation():
         models.load_weights(fresh, ckpt, "last.pt", "mit-b5")
 
 
+@pytest.mark.slow
 def test_check_cli(tmp_path):
     good, bad = tmp_path / "mit_b0.pth", tmp_path / "wrong.pth"
     torch.save(foreign(build("mit-b0"), extra={"head.weight": torch.zeros(1000, 256)}), good)
@@ -298,6 +299,7 @@ def test_check_cli(tmp_path):
     assert fail.stderr.count("\n") == 1 and fail.stderr.startswith("error: --pretrained")
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_keep_the_bn_mode(tmp_path):
     out = tmp_path / "run"
     result = run_script("train.py", "--method", "source_only", "--source", "toy-synth", "--out", out,

@@ -396,6 +396,7 @@ def test_recipe_and_logged_terms():
 # --------------------------------------------------------------------------------------------------
 # Smoke run through train.py and evaluate.py, resume
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_smoke_train_and_evaluate_with_aggregation(tmp_path):
     out = tmp_path / "run"
     res = run_script("train.py", "--method", "plca", "--out", out, *TOY_FAST)
@@ -425,6 +426,7 @@ def float_tensors(obj, prefix=""):
     return {path: t for key, value in items for path, t in float_tensors(value, f"{prefix}/{key}").items()}
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """Stopped at iteration 3 (not an evaluation iteration of the straight run) and resumed: every float
     tensor of last.pt equals the straight run's. --plca-max-pixels draws subsets from the method's generator."""

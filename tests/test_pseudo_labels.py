@@ -132,6 +132,7 @@ def pseudo_files(folder):
     return sorted(name for name in os.listdir(folder) if name.endswith(".png"))
 
 
+@pytest.mark.slow
 def test_evaluate_save_pseudo_on_toy_target_train(tmp_path, checkpoint):
     out = tmp_path / "argmax"
     result = run_script("evaluate.py", "--ckpt", checkpoint, "--save-pseudo", out, "--pseudo-limit", "3",
@@ -148,6 +149,7 @@ def test_evaluate_save_pseudo_on_toy_target_train(tmp_path, checkpoint):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_same_classwise_labels(tmp_path, checkpoint):
     flags = ["--ckpt", checkpoint, "--pseudo-rule", "classwise", "--pseudo-limit", "5", "--workers", "0",
              "--device", "cpu"]

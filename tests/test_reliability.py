@@ -12,17 +12,8 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TOY_FAST, run_script
+from conftest import REPO, TOY_FAST, assert_user_error, run_script
 from uda import common
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def digest(folder):
@@ -67,6 +58,7 @@ def flags(**changes):
 
 
 # ---------------------------------------------------------------- nothing a user made is lost
+@pytest.mark.slow
 def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_script("train.py", "--out", a, *flags(iters=4), "--stop-iter", "2").returncode == 0
@@ -79,6 +71,7 @@ def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
     assert run_script("train.py", "--out", tmp_path / "c", *flags(iters=4), "--resume", a / "last.pt").returncode == 0
 
 
+@pytest.mark.slow
 def test_out_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("mine")
@@ -86,6 +79,7 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     assert path.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_then_resumes(tmp_path):
     out = tmp_path / "run"
     first = run_script("train.py", "--out", out, *flags(iters=6), "--stop-iter", "3", "--resume", "auto")
@@ -97,6 +91,7 @@ def test_resume_auto_starts_fresh_then_resumes(tmp_path):
     assert torch.load(out / "last.pt", weights_only=False)["iter"] == 6
 
 
+@pytest.mark.slow
 def test_torn_metrics_line_and_stale_temp_files(tmp_path):
     out = tmp_path / "run"
     assert run_script("train.py", "--out", out, *flags(iters=6), "--stop-iter", "3").returncode == 0
@@ -129,11 +124,13 @@ def test_failed_checkpoint_write_is_one_line_and_leaves_no_temp(tmp_path, monkey
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--workers", "-1"), ("--log-every", "0"),
                                         ("--iters", "0"), ("--iters", "-5"), ("--lr", "nan"), ("--lr", "-1"),
                                         ("--eval-every", "-2")])
+@pytest.mark.slow
 def test_bad_counts_and_rates_are_refused(tmp_path, flag, value):
     assert_user_error(run_script("train.py", "--out", tmp_path / "x", *TOY_FAST, flag, value), flag)
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_help_shows_recipe_defaults_and_choices():
     text = run_script("train.py", "--method", "daformer", "--help").stdout
     assert "6e-05" in text and "toy-synth" in text and "mit-b5" in text and "deeplabv2-r101" in text
@@ -149,6 +146,7 @@ def test_recipe_applies_and_explicit_flags_win():
     assert toy.crop is None and toy.backbone == "tiny"  # real-data sizes and networks skip the toy
 
 
+@pytest.mark.slow
 def test_single_process_run_output(tmp_path):
     result = run_script("train.py", "--out", tmp_path / "s", *flags(iters=2))
     assert result.returncode == 0, result.stderr
@@ -158,12 +156,14 @@ def test_single_process_run_output(tmp_path):
     assert "lovasz" not in result.stdout   # a term that is off is not a column of zeros
 
 
+@pytest.mark.slow
 def test_single_value_batchnorm_is_one_line(tmp_path):
     # the tiny net at a 8x8 crop has a 1x1 feature map: trainable BN cannot normalise one value
     assert_user_error(run_script("train.py", "--out", tmp_path / "x", *flags(batch_size=1), "--crop", "8x8"),
                       "--batch-size")
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_architecture_flag_names_it(tmp_path):
     out = tmp_path / "run"
     assert run_script("train.py", "--method", "fada", "--out", out, *flags(iters=4), "--stop-iter", "2",
@@ -172,6 +172,7 @@ def test_resume_with_a_changed_architecture_flag_names_it(tmp_path):
                                  "--fada-d-width", "32", "--resume", out / "last.pt"), "--fada-d-width")
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line(tmp_path):
     script = ("import torch\nfrom uda import common\n"
               "def main():\n    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 120.00 GiB')\n"
@@ -200,6 +201,7 @@ def interrupt_run(out, extra, signum, group):
 
 
 @pytest.mark.parametrize("signum,workers", [(signal.SIGINT, 2), (signal.SIGTERM, 0)])
+@pytest.mark.slow
 def test_interrupt_saves_and_resume_matches_a_straight_run(tmp_path, signum, workers):
     extra = flags(iters=60, workers=workers, log_every=1000)
     code, stdout, stderr = interrupt_run(tmp_path / "cut", extra, signum, group=signum == signal.SIGINT)
@@ -225,19 +227,24 @@ def folder_run_flags(root, *extra):
             "--backbone", "tiny", "--crop", "96x64", *flags(iters=3), *extra]
 
 
+@pytest.mark.slow
 def test_unreadable_val_file_keeps_the_training(tmp_path):
     from make_folder_dataset import make
     root = tmp_path / "data"
-    names = make(root, train=4, val=2)
+    make(root, train=4, val=2)
     broken = next((root / "images" / "val").rglob("*.png"))
     broken.write_bytes(broken.read_bytes()[:200])  # truncated
     result = run_script("train.py", "--out", tmp_path / "run", *folder_run_flags(root))
-    assert_user_error(result, str(broken), "saved in")
+    assert_user_error(result, str(broken), f"saved in {tmp_path / 'run' / 'last.pt'}")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["iter"] == 3
-    assert names
+    # kept means all of it: the same training without evaluation ends in the same weights and method state
+    unevaluated = run_script("train.py", "--out", tmp_path / "no-eval", *folder_run_flags(root, "--no-eval"))
+    assert unevaluated.returncode == 0, unevaluated.stderr
+    assert_same_checkpoints(tmp_path / "run" / "last.pt", tmp_path / "no-eval" / "last.pt")
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.slow
 def test_unreadable_training_label_is_named_from_a_worker(tmp_path, workers):
     from make_folder_dataset import make
     root = tmp_path / "data"
@@ -250,6 +257,7 @@ def test_unreadable_training_label_is_named_from_a_worker(tmp_path, workers):
     assert digest(root) == before
 
 
+@pytest.mark.slow
 def test_torchrun_setup_error_is_one_line_from_rank_0(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -71,6 +71,7 @@ def finite(value):
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_harness_end_to_end_tiny(tmp_path):
     out = tmp_path / "scale"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

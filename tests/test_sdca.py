@@ -321,6 +321,7 @@ def _two_rank_worker(rank, init_file, shards, result_file):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_statistics_under_two_processes_equal_one_process():
     g = torch.Generator().manual_seed(9)
     shards = [[(torch.randn(30, 3, generator=g) + 3, random_labels(30, 4, g)) for _ in range(2)] for _ in range(2)]
@@ -371,6 +372,7 @@ def checkpoint_tensors(obj, path=()):
             yield from checkpoint_tensors(value, path + (i,))
 
 
+@pytest.mark.slow
 def test_toy_pipeline_and_exact_resume(tmp_path):
     src, stats = standin_checkpoint(tmp_path / "src.pt"), tmp_path / "stats.pt"
     r = run_module("uda.sdca", "init", "--ckpt", src, "--out", stats, "--max-images", "8",
@@ -408,6 +410,7 @@ def test_toy_pipeline_and_exact_resume(tmp_path):
     assert added.item() == 6 * 2 * 8 * 16
 
 
+@pytest.mark.slow
 def test_init_refuses_an_existing_out_file(tmp_path):
     src, out = standin_checkpoint(tmp_path / "src.pt"), tmp_path / "stats.pt"
     out.write_bytes(b"the user's own file")
