@@ -181,15 +181,15 @@ def benchmark_bars(path, methods):
     if split:
         names, groups = list(split), [("recipe: control − source_only", "recipe_gain"), ("idea: method − control", "idea_gain")]
         values = {key: [split[n][key] for n in names] for _, key in groups}
-        title = "toy benchmark: where the gain comes from (mean ± std over seeds, dots: seeds)"
+        title = "toy benchmark: recipe and idea (bars: mean ± std over seeds; dots: seeds)"
     else:
         base = dict(zip(methods.get("source_only", {}).get("seeds", []), methods.get("source_only", {}).get("miou", [])))
         names = [n for n, e in methods.items() if n != "source_only" and e.get("miou")]
         groups = [("gain over source_only", "gain")]
         values = {"gain": [[m - base[s] for s, m in zip(methods[n]["seeds"], methods[n]["miou"]) if s in base]
                            for n in names]}
-        title = "toy benchmark: gain over source_only (mean ± std over seeds, dots: seeds)"
-    figure, axes = new_figure(max(6.0, 1.1 * len(names) + 2.0), 4.5)
+        title = "toy benchmark: gain over source_only (bars: mean ± std; dots: seeds)"
+    figure, axes = new_figure(max(7.0, 1.1 * len(names) + 2.0), 4.5)
     ax = axes[0, 0]
     width = 0.8 / len(groups)
     x = np.arange(len(names))
