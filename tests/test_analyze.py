@@ -207,6 +207,20 @@ def test_checkpoints_of_other_label_spaces_are_refused(tmp_path, ckpts):
     assert ckpts["synthia16"] in str(err.value) and not (tmp_path / "a").exists()
 
 
+def test_the_confusion_picture_keeps_predictions_outside_the_evaluated_classes():
+    confusion = np.arange(16.0).reshape(4, 4)  # classes 0 and 2 evaluated; 1 and 3 predicted too
+    matrix, columns = analyze.evaluated_confusion(confusion, [0, 2], ["a", "b"])
+    assert columns == ["a", "b", "other classes"]
+    assert matrix.tolist() == [[0, 2, 1 + 3], [8, 10, 9 + 11]]  # every pixel of a row is still there
+    matrix, columns = analyze.evaluated_confusion(np.diag([1.0, 0, 2, 0]), [0, 2], ["a", "b"])
+    assert columns == ["a", "b"] and matrix.tolist() == [[1, 0], [0, 2]]
+
+
+def test_a_source_of_another_label_kind_is_refused_naming_source(tmp_path, ckpts):
+    with pytest.raises(UserError, match="^--source cityscapes: its labels are Cityscapes classes"):
+        analyze.main(["--ckpt", ckpts["src"], "--source", "cityscapes", "--out", str(tmp_path / "a"), *FAST])
+
+
 def test_a_non_empty_out_is_refused_without_overwrite(tmp_path, ckpts):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "mine.txt").write_text("keep")
@@ -249,7 +263,8 @@ def test_every_figure_is_a_decodable_png_of_its_size(tmp_path):
                                                                   ("source", [[1, 2, 3], [2, 2, 2]])])
     assert_png(tmp_path / "ccd.png", size)
     assert size == (600, 800)
-    size = plots.confusion_image(tmp_path / "conf.png", classes, np.array([[5, 1, 0], [0, 0, 0], [2, 0, 9]]), "a")
+    size = plots.confusion_image(tmp_path / "conf.png", classes, np.array([[5, 1, 0, 1], [0, 0, 0, 0], [2, 0, 9, 0]]),
+                                 "a", [*classes, "other classes"])
     assert_png(tmp_path / "conf.png", size)
     assert size == (700, 600)
     g = np.random.default_rng(0)

@@ -408,7 +408,7 @@ def build_parser():
     p.add_argument("--source-split", default="train", help="split of --source (needs labels)")
     p.add_argument("--source-images", type=common.positive_int, default=500, metavar="N",
                    help="the first N images of the source split (Cityscapes val's size)")
-    p.add_argument("--runs", nargs="+", default=[], metavar="RUN",
+    p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
                    help="train.py --out folders (or metrics.jsonl files) whose learning curves are drawn, overlaid")
     p.add_argument("--pca-pixels", type=common.positive_int, default=100, metavar="N",
                    help="pixels per class and domain in the feature picture")
@@ -431,14 +431,17 @@ def main(argv=None):
     log = print if main_rank else None
     headers = read_headers(args.ckpt)
     first_saved, space = headers[0]
-    runs = read_runs(args.runs)
+    runs = read_runs(args.runs or [])
     target = args.target or first_saved.target
     # evaluate.py's checks: the target's label space, its folder; a split without labels is analysed anyway
     root = evaluate.target_root(args, first_saved, space, target, None)
     sroot = None
     if args.source:
         source_args = argparse.Namespace(target_root=args.source_root, data_root=args.data_root)
-        sroot = evaluate.target_root(source_args, first_saved, space, args.source, None)
+        try:  # evaluate.py's checks name its own flag: here the dataset is --source's
+            sroot = evaluate.target_root(source_args, first_saved, space, args.source, None)
+        except UserError as err:
+            raise UserError(str(err).replace(f"--target {args.source}", f"--source {args.source}", 1)) from None
         if not datasets.has_labels(args.source, args.source_split, sroot):
             raise UserError(f"--source-split {args.source_split}: {args.source} has no labels for it (the source's "
                             f"CCD needs them)")
@@ -547,8 +550,8 @@ def draw_figures(out, space, evaluated, results, runs, labelled):
         plots.ccd_bars(os.path.join(out, "ccd_per_class.png"), classes, labels, ccd_rows)
         names.append("ccd_per_class.png")
         for k, r in enumerate(results, 1):
-            matrix = np.asarray(r["confusion"], dtype=np.float64)[np.ix_(evaluated, evaluated)]
-            plots.confusion_image(os.path.join(out, f"confusion_{k}.png"), classes, matrix, r["label"])
+            matrix, columns = evaluated_confusion(np.asarray(r["confusion"], dtype=np.float64), evaluated, classes)
+            plots.confusion_image(os.path.join(out, f"confusion_{k}.png"), classes, matrix, r["label"], columns)
             names.append(f"confusion_{k}.png")
     panels = [(r["label"], r["_pca"], r["pca"]["explained_variance"]) for r in results if r["_pca"]]
     if panels:
@@ -559,6 +562,18 @@ def draw_figures(out, space, evaluated, results, runs, labelled):
         plots.learning_curves(os.path.join(out, "learning_curves.png"), [(r["label"], r["series"]) for r in runs])
         names.append("learning_curves.png")
     return names
+
+
+def evaluated_confusion(confusion, evaluated, classes):
+    """The rows and columns of the evaluated classes, plus a column "other classes" for the pixels
+    predicted as a class outside them (the toy's 19-way model can predict a class the toy never draws):
+    dropping them would hide those errors from the row-normalised picture."""
+    rows = confusion[evaluated]                                        # (E, C)
+    matrix = rows[:, evaluated]                                        # (E, E)
+    other = rows.sum(1) - matrix.sum(1)                                # (E,)
+    if other.any():
+        return np.concatenate([matrix, other[:, None]], 1), [*classes, "other classes"]
+    return matrix, classes
 
 
 def cell(value, spec=".2f"):

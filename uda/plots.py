@@ -83,17 +83,18 @@ def ccd_bars(path, classes, labels, rows):
     return save(figure, path)
 
 
-def confusion_image(path, classes, confusion, label):
-    """Row-normalised confusion matrix (rows: ground truth, sums to 1 where the class occurs)."""
+def confusion_image(path, classes, confusion, label, columns=None):
+    """Row-normalised confusion matrix (rows: ground truth, sums to 1 where the class occurs); columns:
+    the predicted classes' names when they are not `classes` (e.g. an extra "other classes" column)."""
     confusion = np.asarray(confusion, dtype=np.float64)
     totals = confusion.sum(1, keepdims=True)
     normalised = np.divide(confusion, totals, out=np.zeros_like(confusion), where=totals > 0)
     figure, axes = new_figure(7.0, 6.0)
     ax = axes[0, 0]
     image = ax.imshow(normalised, cmap="viridis", vmin=0.0, vmax=1.0)
-    ticks = np.arange(len(classes))
-    ax.set_xticks(ticks, classes, rotation=90, fontsize="small")
-    ax.set_yticks(ticks, classes, fontsize="small")
+    columns = classes if columns is None else columns
+    ax.set_xticks(np.arange(len(columns)), columns, rotation=90, fontsize="small")
+    ax.set_yticks(np.arange(len(classes)), classes, fontsize="small")
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     ax.set_title(f"{label}: confusion, row-normalised")
@@ -107,7 +108,7 @@ def feature_pca(path, panels, names, palette, note):
     panels: [(label, {"source"/"target": (points (N, 2), classes (N,))}, explained variance [2])];
     names / palette: class name and (r, g, b) 0-255 by class index.
     """
-    cols = min(len(panels), 3)
+    cols = len(panels) if len(panels) <= 3 else math.ceil(math.sqrt(len(panels)))  # 4 panels: 2 x 2
     rows = math.ceil(len(panels) / cols)
     figure, axes = new_figure(4.5 * cols + 1.5, 4.2 * rows, rows=rows, cols=cols)
     seen = set()
