@@ -369,12 +369,15 @@ def read_headers(paths):
 
 
 def split_dataset(name, split, root, space, limit, flag):
-    """The (sharded) dataset of one split, labelled when it has labels; and whether it has."""
+    """This rank's shard of the first `limit` images of one split (labelled when it has labels; .total:
+    the images of all ranks), and whether it has labels."""
     labelled = datasets.has_labels(name, split, root)
     if name in datasets.toy.DOMAINS and split not in datasets.toy.SPLIT_LENGTHS:
         raise UserError(f"{flag} {split!r}: the toy datasets have splits {', '.join(datasets.toy.SPLIT_LENGTHS)}")
     dataset = datasets.build_dataset(name, split, space, root=root, labeled=labelled)
-    return common.shard(dataset, limit), labelled, min(len(dataset), limit or len(dataset))
+    shard = common.shard(dataset, limit)
+    shard.total = min(len(dataset), limit or len(dataset))  # over all ranks, for the progress lines
+    return shard, labelled
 
 
 def check_out(args, reading):
@@ -428,62 +431,72 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = common.setup_distributed(args.device)
     main_rank = common.is_main_process()
-    log = print if main_rank else None
     headers = read_headers(args.ckpt)
-    first_saved, space = headers[0]
+    space = headers[0][1]
     runs = read_runs(args.runs or [])
-    target = args.target or first_saved.target
-    # evaluate.py's checks: the target's label space, its folder; a split without labels is analysed anyway
-    root = evaluate.target_root(args, first_saved, space, target, None)
-    sroot = None
-    if args.source:
-        source_args = argparse.Namespace(target_root=args.source_root, data_root=args.data_root)
-        try:  # evaluate.py's checks name its own flag: here the dataset is --source's
-            sroot = evaluate.target_root(source_args, first_saved, space, args.source, None)
-        except UserError as err:
-            raise UserError(str(err).replace(f"--target {args.source}", f"--source {args.source}", 1)) from None
-        if not datasets.has_labels(args.source, args.source_split, sroot):
-            raise UserError(f"--source-split {args.source_split}: {args.source} has no labels for it (the source's "
-                            f"CCD needs them)")
-    check_out(args, [("the target dataset folder", root), ("the source dataset folder", sroot),
-                     *[("--ckpt", c) for c in args.ckpt], *[("--runs", r["path"]) for r in runs]])
-    target_set, target_labelled, target_total = split_dataset(target, args.split, root, space, args.max_images, "--split")
-    source_set = None
-    if args.source:
-        source_set, _, source_total = split_dataset(args.source, args.source_split, sroot, space,
-                                                    args.source_images, "--source-split")
-    evaluate.barrier()
-    if main_rank and not target_labelled:
-        print(f"note: {target} {args.split} has no labels: per-class IoU and CCD need them and are left out; the "
-              f"feature picture classes its pixels by the model's prediction", flush=True)
+    target, target_set, labelled, source_set = prepare_data(args, headers[0][0], space, runs)
     evaluated = sorted({c for classes in space.eval_sets.values() for c in classes})
-    labels = short_labels(args.ckpt)
     results = []
-    for path, label, (saved, _) in zip(args.ckpt, labels, headers):
+    for path, label in zip(args.ckpt, short_labels(args.ckpt)):
         model, saved, _ = model_from_checkpoint(path, device)
         protocol = {"input_size": evaluate.resolve_input_size(args, target), "workers": args.workers,
                     "autocast": lambda: common.autocast(device, args.amp), "aggregate": evaluate.aggregate_of(
                         argparse.Namespace(tta_aggregate=args.tta_aggregate, slide=None), saved),
                     "align_corners": bool(getattr(saved, "align_corners", False))}
-        if main_rank:
-            print(f"{label}: {path} on {target} {args.split} ({target_total} images)", flush=True)
+        say(f"{label}: {path} on {target} {args.split} ({target_set.total} images)")
         confusion, target_sums, target_sample = analyse_split(
-            model, target_set, space, device, protocol, "target", args.pca_pixels, args.seed, target_labelled,
-            target_labelled, log, f"{label} {target} {args.split}")
+            model, target_set, space, device, protocol, "target", args.pca_pixels, args.seed, labelled, labelled,
+            print, f"{label} {target} {args.split}")
         source_sums = source_sample = None
         if source_set is not None:
+            # the source at its own dataset's evaluation size (--input-size is the target's)
             source_protocol = dict(protocol, input_size=datasets.default_eval_size(args.source))
-            if main_rank:
-                print(f"{label}: {path} on {args.source} {args.source_split} ({source_total} images)", flush=True)
+            say(f"{label}: {path} on {args.source} {args.source_split} ({source_set.total} images)")
             _, source_sums, source_sample = analyse_split(
                 model, source_set, space, device, source_protocol, "source", args.pca_pixels, args.seed, True,
-                False, log, f"{label} {args.source} {args.source_split}")
-        results.append(checkpoint_record(path, label, saved, space, evaluated, confusion, target_sums, source_sums,
-                                         target_sample, source_sample))
+                False, print, f"{label} {args.source} {args.source_split}")
+        if main_rank:  # every rank took part in the sums above; one writes
+            results.append(checkpoint_record(path, label, saved, space, evaluated, confusion, target_sums,
+                                             source_sums, target_sample, source_sample))
         del model
     if main_rank:
-        write_outputs(args, space, evaluated, target, results, runs, target_labelled)
+        write_outputs(args, space, evaluated, target, results, runs, labelled)
     common.cleanup_distributed()
+
+
+def say(text):
+    if common.is_main_process():
+        print(text, flush=True)
+
+
+def prepare_data(args, saved, space, runs):
+    """evaluate.py's checks of the target (label space, folder) and the same for --source; the output
+    folder's; then (target name, target shard, whether it is labelled, source shard or None). A target
+    split without labels is analysed anyway (said in one line); the source's must have them."""
+    target = args.target or saved.target
+    root = evaluate.target_root(args, saved, space, target, None)
+    source_root = None
+    if args.source:
+        source_args = argparse.Namespace(target_root=args.source_root, data_root=args.data_root)
+        try:  # evaluate.py's checks name its own flag: here the dataset is --source's
+            source_root = evaluate.target_root(source_args, saved, space, args.source, None)
+        except UserError as err:
+            raise UserError(str(err).replace(f"--target {args.source}", f"--source {args.source}", 1)) from None
+        if not datasets.has_labels(args.source, args.source_split, source_root):
+            raise UserError(f"--source-split {args.source_split}: {args.source} has no labels for it (the source's "
+                            f"CCD needs them)")
+    check_out(args, [("the target dataset folder", root), ("the source dataset folder", source_root),
+                     *[("--ckpt", c) for c in args.ckpt], *[("--runs", r["path"]) for r in runs]])
+    target_set, labelled = split_dataset(target, args.split, root, space, args.max_images, "--split")
+    source_set = None
+    if args.source:
+        source_set, _ = split_dataset(args.source, args.source_split, source_root, space, args.source_images,
+                                      "--source-split")
+    evaluate.barrier()
+    if not labelled:
+        say(f"note: {target} {args.split} has no labels: per-class IoU and CCD need them and are left out; the "
+            f"feature picture classes its pixels by the model's prediction")
+    return target, target_set, labelled, source_set
 
 
 def checkpoint_record(path, label, saved, space, evaluated, confusion, target_sums, source_sums, target_sample,
