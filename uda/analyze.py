@@ -44,14 +44,18 @@ by their labels, target pixels by their labels, or by the model's prediction on 
 One panel per checkpoint, each with its own PCA (SVD of the centred sample of both domains): the
 features of two networks are different spaces, so one projection for all panels would mean nothing;
 within a panel, source and target share the axes, which is what shows whether they overlap. Each class
-counts the same number of pixels, so frequent classes do not decide the axes alone.
+counts the same number of pixels (up to --pca-pixels), so frequent classes do not decide the axes alone.
+
+Memory: beyond evaluation's own (the image, its probabilities at the label size), one image's features
+in float32 and float64 at a time, the (C, D) sums and the sample (C x --pca-pixels x D per domain): all
+500 Cityscapes val images stream through; nothing grows with the number of images.
 
 Learning curves (--runs RUN ...): every loss term (`loss/...`), the learning rate and every evaluation
 score (`eval/...`) of RUN/metrics.jsonl against the iteration, the runs overlaid in one figure; a torn or
 foreign line is skipped and counted.
 
-Outputs (DIR is refused when it is not empty, unless --overwrite; nothing is written inside a dataset or
-next to a checkpoint being read):
+Outputs (DIR is refused when it is not empty, unless --overwrite, and always when it lies inside a
+dataset folder being read; evaluate.check_output):
 - DIR/analysis.json: "classes", and per checkpoint its path, label, mIoU, per-class IoU, confusion matrix,
   "ccd": {"target": {"per_class": [...], "mean": x}, "source": {...} or null} (lists in the order of
   "classes"), PCA's explained variance; per run its records and torn lines;
