@@ -231,7 +231,8 @@ def test_a_non_empty_out_is_refused_without_overwrite(tmp_path, ckpts):
 def test_an_unlabelled_split_still_gets_the_picture(tmp_path, ckpts, monkeypatch, capsys):
     monkeypatch.setattr(datasets, "has_labels", lambda name, split, root=None: False)
     monkeypatch.setattr(plots, "available", lambda: False)  # figures: their own tests
-    analyze.main(["--ckpt", ckpts["src"], "--out", str(tmp_path / "a"), "--max-images", "2", "--pca-pixels", "3", *FAST])
+    analyze.main(["--ckpt", ckpts["src"], "--out", str(tmp_path / "a"), "--max-images", "2", "--pca-pixels", "3",
+                  *FAST])
     out = capsys.readouterr().out
     assert "has no labels: per-class IoU and CCD need them" in out and plots.MISSING in out
     record = json.loads((tmp_path / "a" / "analysis.json").read_text())

@@ -411,7 +411,8 @@ def build_parser():
     p.add_argument("--source", default=None, choices=datasets.DATASET_NAMES, metavar="NAME",
                    help="also run the source dataset NAME (CCD of the source split, source pixels in the picture); "
                         "off by default")
-    p.add_argument("--source-root", default=None, metavar="DIR", help="the source dataset's own folder; wins over --data-root")
+    p.add_argument("--source-root", default=None, metavar="DIR",
+                   help="the source dataset's own folder; wins over --data-root")
     p.add_argument("--source-split", default="train", help="split of --source (needs labels)")
     p.add_argument("--source-images", type=common.positive_int, default=500, metavar="N",
                    help="the first N images of the source split (Cityscapes val's size)")
@@ -614,7 +615,8 @@ def markdown(record):
     labels = [r["label"] for r in results]
     source = f", source {record['source']} {record['source_split']}" if record["source"] else ""
     lines = [f"# Analysis: {record['target']} {record['split']}{source}", "",
-             "| checkpoint | path | method | mIoU | CCD target (mean) | CCD source (mean) |", "|---|---|---|---|---|---|"]
+             "| checkpoint | path | method | mIoU | CCD target (mean) | CCD source (mean) |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         ccd_t, ccd_s = r["ccd"]["target"], r["ccd"]["source"]
         lines.append(f"| {r['label']} | `{r['path']}` | {r['method']} | {cell(r['miou'])} | "
@@ -622,7 +624,8 @@ def markdown(record):
     if not record["labelled"]:
         lines += ["", f"{record['target']} {record['split']} has no labels: no IoU and no CCD."]
     else:
-        lines += ["", "## Per-class IoU (%)", "", side_by_side(classes, labels, [r["per_class_iou"] for r in results], ".1f")]
+        lines += ["", "## Per-class IoU (%)", "",
+                  side_by_side(classes, labels, [r["per_class_iou"] for r in results], ".1f")]
         lines += ["", "## Class Center Distance, target (FADA; smaller: tighter, better separated classes)", "",
                   side_by_side(classes, labels, [r["ccd"]["target"]["per_class"] for r in results], ".3f")]
     if results[0]["ccd"]["source"] is not None:

@@ -180,11 +180,13 @@ def benchmark_bars(path, methods):
     """
     split = {name: e for name, e in methods.items() if e.get("idea_gain")}
     if split:
-        names, groups = list(split), [("recipe: control − source_only", "recipe_gain"), ("idea: method − control", "idea_gain")]
+        names = list(split)
+        groups = [("recipe: control − source_only", "recipe_gain"), ("idea: method − control", "idea_gain")]
         values = {key: [split[n][key] for n in names] for _, key in groups}
         title = "toy benchmark: recipe and idea (bars: mean ± std over seeds; dots: seeds)"
     else:
-        base = dict(zip(methods.get("source_only", {}).get("seeds", []), methods.get("source_only", {}).get("miou", [])))
+        baseline = methods.get("source_only", {})
+        base = dict(zip(baseline.get("seeds", []), baseline.get("miou", [])))
         names = [n for n, e in methods.items() if n != "source_only" and e.get("miou")]
         groups = [("gain over source_only", "gain")]
         values = {"gain": [[m - base[s] for s, m in zip(methods[n]["seeds"], methods[n]["miou"]) if s in base]
