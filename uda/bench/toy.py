@@ -518,6 +518,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"`{config['command']}` ({config['date']}, {config['wall_s'] / 60:.1f} min)\n\n{table}"
                 + (f"\n{notes}" if notes else ""))
+    from uda import plots  # matplotlib only when drawing: the benchmark itself runs without it
+    plots.benchmark_figure(methods, os.path.join(args.out, "results.png"))  # the table above, as a figure
     print(table + (f"\n{notes}" if notes else ""), flush=True)
     if any("errors" in e or "errors" in e.get("control", {}) for e in methods.values()):
         raise SystemExit(1)
