@@ -245,7 +245,8 @@ def analyse_split(model, dataset, space, device, protocol, domain, pixels, seed,
     """Confusion matrix (C, C) int64 (None unless with_iou), ClassFeatureSums (None unless labelled) and a
     PixelSample of one split, summed / merged over ranks.
 
-    protocol: dict(input_size, autocast, aggregate, align_corners, workers) for predict_probs and the loader.
+    protocol: dict(input_size, autocast, test_time_predict, align_corners, resize_via_input, workers) for
+    predict_probs and the loader.
     labelled: the dataset's items carry "label"; otherwise pixels are classed by the model's prediction.
     """
     model.eval()
@@ -261,7 +262,8 @@ def analyse_split(model, dataset, space, device, protocol, domain, pixels, seed,
         labels = batch["label"].to(device) if labelled else None
         label_size = labels.shape[-2:] if labelled else images.shape[-2:]
         probs = predict_probs(tap, images, label_size, protocol["input_size"], protocol["autocast"],
-                              protocol["aggregate"], protocol["align_corners"])   # (1, C, H, W)
+                              protocol["test_time_predict"], protocol["align_corners"],
+                              resize_via_input=protocol["resize_via_input"])      # (1, C, H, W)
         features, logits = tap.last                                              # (1, D, h, w), (1, C, h, w)
         features = features.float()
         if confusion is not None:
@@ -445,8 +447,10 @@ def main(argv=None):
     for path, label in zip(args.ckpt, short_labels(args.ckpt)):
         model, saved, _ = model_from_checkpoint(path, device)
         protocol = {"input_size": evaluate.resolve_input_size(args, target), "workers": args.workers,
-                    "autocast": lambda: common.autocast(device, args.amp), "aggregate": evaluate.aggregate_of(
+                    "autocast": lambda: common.autocast(device, args.amp),
+                    "test_time_predict": evaluate.test_time_predict_of(
                         argparse.Namespace(tta_aggregate=args.tta_aggregate, slide=None), saved),
+                    "resize_via_input": evaluate.resize_via_input_of(saved),
                     "align_corners": bool(getattr(saved, "align_corners", False))}
         say(f"{label}: {path} on {target} {args.split} ({target_set.total} images)")
         confusion, target_sums, target_sample = analyse_split(
