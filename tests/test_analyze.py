@@ -186,8 +186,8 @@ def ckpts(tmp_path_factory):
 def test_one_pass_gives_evaluates_confusion_and_the_features_sums():
     model, space = tiny_model(), datasets.TOY_SPACE
     data = torch.utils.data.Subset(datasets.build_dataset("toy-real", "val", space), range(3))
-    protocol = {"input_size": None, "autocast": lambda: common.autocast(CPU, "off"), "test_time_predict": None, "resize_via_input": False,
-                "align_corners": True, "workers": 0}
+    protocol = {"input_size": None, "autocast": lambda: common.autocast(CPU, "off"), "test_time_predict": None,
+                "resize_via_input": False, "align_corners": True, "workers": 0}
     confusion, sums, sample = analyze.analyse_split(model, data, space, CPU, protocol, "target", 5, 0, True, True,
                                                     None, "test")
     assert torch.equal(confusion, ev.evaluate(model, data, space, CPU, protocol["autocast"], align_corners=True))
