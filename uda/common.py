@@ -156,6 +156,14 @@ def fraction_below_one(text):
     return value
 
 
+def seed(text):
+    """argparse type: a random seed, an integer in [0, 2**32) (numpy's seeds end there)."""
+    value = _number(text, int)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer from 0 to 4294967295")
+    return value
+
+
 def int_at_least(minimum):
     """argparse type factory: an integer >= `minimum` (e.g. 2 groups, where one group has nothing to
     compare with)."""

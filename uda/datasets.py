@@ -72,7 +72,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from uda import png16, toy
+from uda import common, png16, toy
 from uda.common import IGNORE_INDEX, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1473,7 +1473,7 @@ def main(argv=None):
     c.add_argument("root", help="the dataset's folder, e.g. /data/gta5 or /data/crosscity/Rome")
     c.add_argument("--split", default=None, help="split to check (default: train; val for Cross-City)")
     c.add_argument("--full", action="store_true", help="decode every label (default: a sample)")
-    c.add_argument("--sample", type=int, default=50, help="labels decoded for the histogram without --full")
+    c.add_argument("--sample", type=common.positive_int, default=50, help="labels decoded for the histogram without --full")
     c.add_argument("--synthia-classes", type=int, choices=[16, 19], default=16, help="SYNTHIA histogram space")
     c.add_argument("--img-suffix", default=None, help="folder: image suffix (default: .png, .jpg or .jpeg)")
     c.add_argument("--label-suffix", default=None, help="folder: label suffix (default: .png)")

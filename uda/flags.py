@@ -87,7 +87,7 @@ def add_common_arguments(p):
                         "(the method's official code decides; saved in the checkpoint, used by evaluate.py)")
     p.add_argument("--amp", choices=list(common.AMP_DTYPES), default="off",
                    help="autocast dtype: off (fp32), bf16, or fp16 (with a GradScaler)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
+    p.add_argument("--seed", type=common.seed, default=0, help="random seed (data order, augmentation, init)")
     p.add_argument("--out", required=True, help="output folder for last.pt and metrics.jsonl")
     p.add_argument("--resume", default=None, metavar="FILE",
                    help="continue exactly from this checkpoint; 'auto': from OUT/last.pt when it exists, else "

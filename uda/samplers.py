@@ -259,7 +259,7 @@ def rcs_probabilities(counts, temperature, min_pixels):
     if not classes:
         raise UserError(f"--source-sampler rcs: no source image has more than --rcs-min-pixels {min_pixels} "
                         f"pixels of any class (lower --rcs-min-pixels)")
-    logits = (1.0 - freq[classes]) / temperature  # (K,)
+    logits = (1.0 - freq[classes]) / temperature  # (number of candidate classes,)
     probs = np.exp(logits - logits.max())
     return classes, probs / probs.sum(), files_of
 

@@ -65,7 +65,8 @@ the same invocation.
 Output: OUT/results.json = {"methods": {name: {"miou": [per seed], "sec_per_iter", "peak_mem_mb",
 ..., and for an adaptation method with --controls on: "control": {"miou": [per seed], "seeds", "flags",
 "evaluate_flags", ...}, "idea_gain", "recipe_gain": [per paired seed], "paired_seeds"}}, "config": {...}},
-OUT/results.md (the table and its notes), and OUT/runs/s<seed>/<name>/ (train.log, metrics.jsonl,
+OUT/results.md (the table and its notes), OUT/results.png (each method's mIoU split into recipe and idea,
+with the spread over seeds; uda/plots.py, needs matplotlib), and OUT/runs/s<seed>/<name>/ (train.log, metrics.jsonl,
 last.pt, eval.json) for every run, controls under OUT/runs/s<seed>/<method>-control/.
 """
 import argparse
