@@ -173,7 +173,6 @@ def unchanged(module, before):
     return all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
 
 
-@pytest.mark.slow
 def test_generator_step_leaves_discriminator_and_vice_versa():
     method = make_method()
     source, target = toy_batches()

@@ -16,7 +16,6 @@ from uda import datasets, models, toy
 
 # ---------------------------------------------------------------- toy generator
 @pytest.mark.parametrize("domain", toy.DOMAINS)
-@pytest.mark.slow
 def test_toy_is_deterministic_and_uses_toy_classes(domain):
     image_a, label_a = toy.generate(domain, "train", 3, seed=5)
     image_b, label_b = toy.generate(domain, "train", 3, seed=5)
@@ -30,7 +29,6 @@ def test_toy_is_deterministic_and_uses_toy_classes(domain):
     assert len(labels) >= 8  # at least 8 classes actually occur
 
 
-@pytest.mark.slow
 def test_toy_domains_differ_in_appearance_and_statistics():
     synth = np.stack([toy.generate("toy-synth", "val", i)[0] for i in range(20)]).astype(float)
     real = np.stack([toy.generate("toy-real", "val", i)[0] for i in range(20)]).astype(float)

@@ -178,7 +178,6 @@ def test_param_groups_cover_every_parameter_once(nets):
     assert len(norms) == 2 * len(layer_norms)
 
 
-@pytest.mark.slow
 def test_mit_b0_forward_backward():
     model = build("mit-b0").train()
     images = torch.rand(2, 3, SIZE, SIZE)
@@ -277,7 +276,6 @@ def test_wrong_files_fail_with_one_line_errors(nets):
         models.load_weights(nets["mit-b5"], foreign(nets["mit-b0"]), "mit_b0.pth", "mit-b5")
 
 
-@pytest.mark.slow
 def test_own_checkpoint_restores_weights_and_normalisation():
     source, fresh = build("mit-b0"), build("mit-b0", bn="frozen")
     with torch.no_grad():
@@ -403,7 +401,6 @@ def test_grad_checkpoint_keeps_loss_gradients_and_bn_statistics(checkpoint_calls
             assert not torch.allclose(seeded_loss(plain, images, labels, seed=3, amp=amp), losses["plain"])
 
 
-@pytest.mark.slow
 def test_grad_checkpoint_only_when_training_with_gradients(checkpoint_calls):
     model = models.build_model("mit-b0", CLASSES, grad_checkpoint=True)
     images = torch.rand(1, 3, SIZE, SIZE)
