@@ -272,6 +272,7 @@ def short_val(monkeypatch):
     monkeypatch.setattr(datasets, "build_dataset", first_images)
 
 
+@pytest.mark.slow
 def test_the_protocol_is_printed_and_recorded(tmp_path, ckpts, short_val, capsys):
     plain, multi = tmp_path / "plain.json", tmp_path / "multi.json"
     evaluate.main(["--ckpt", str(ckpts["toy"]), "--json", str(plain), *FAST])

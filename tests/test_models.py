@@ -55,6 +55,7 @@ def foreign(model, prefix="", extra=None):
 # Shapes, strides, parameter counts
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", models.BACKBONES)
+@pytest.mark.slow
 def test_shapes_and_output_stride(nets, name):
     model = nets[name].eval()
     images = torch.rand(2, 3, SIZE, SIZE)
@@ -76,6 +77,7 @@ def test_shapes_and_output_stride(nets, name):
         assert model.output_stride == 8 and torch.equal(encoder, features)
 
 
+@pytest.mark.slow
 def test_caffe_and_torchvision_resnets_differ_where_expected(nets):
     tv, caffe = nets["deeplabv2-r101"].backbone, nets["deeplabv2-r101-caffe"].backbone
     x = torch.rand(1, 3, 64, 64)
@@ -89,6 +91,7 @@ def test_caffe_and_torchvision_resnets_differ_where_expected(nets):
     assert [b.conv2.dilation[0] for b in tv.layer4] == [2, 4, 4]
 
 
+@pytest.mark.slow
 def test_parameter_counts(nets):
     assert backbone_tensor_count(nets["deeplabv2-r101"]) == RESNET101_NO_FC
     assert backbone_tensor_count(nets["deeplabv2-r101-caffe"]) == RESNET101_NO_FC
@@ -128,6 +131,7 @@ def test_frozen_bn_matches_eval_batchnorm_and_keeps_dtype():
     assert list(frozen.parameters()) == []
 
 
+@pytest.mark.slow
 def test_frozen_bn_stays_frozen_after_a_training_step(nets):
     model = nets["deeplabv2-r50"].train()
     assert model.bn_mode == "frozen" and not models.has_trainable_bn(model)
@@ -155,6 +159,7 @@ def test_bn_modes():
         models.build_model("tiny", 3, bn="sync")
 
 
+@pytest.mark.slow
 def test_param_groups_cover_every_parameter_once(nets):
     for name in ("deeplabv2-vgg16", "mit-b0", "tiny"):
         model = nets[name]
@@ -187,6 +192,7 @@ def test_mit_b0_forward_backward():
 
 
 @pytest.mark.parametrize("name", ["deeplabv2-r50", "mit-b0"])
+@pytest.mark.slow
 def test_bf16_autocast_close_to_fp32(nets, name):
     model = nets[name].eval()
     images = torch.rand(1, 3, SIZE, SIZE)
@@ -201,6 +207,7 @@ def test_bf16_autocast_close_to_fp32(nets, name):
 # --------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchvision_resnet_file_loads(nets):
     model = nets["deeplabv2-r101"]
     state = foreign(model, extra={"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
@@ -212,6 +219,7 @@ def test_torchvision_resnet_file_loads(nets):
     assert report["convention"] == "imagenet-rgb"
 
 
+@pytest.mark.slow
 def test_deeplab_coco_init_loads_and_sets_caffe_normalisation(nets):
     model = nets["deeplabv2-r101-caffe"]
     old_head = {f"Scale.layer5.conv2d_list.{i}.{p}": torch.zeros(21, 2048, 3, 3) if p == "weight" else torch.zeros(21)
@@ -226,6 +234,7 @@ def test_deeplab_coco_init_loads_and_sets_caffe_normalisation(nets):
     assert torch.allclose(model.normalize(x), expected, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_mit_b5_file_loads(nets):
     model = nets["mit-b5"]
     state = foreign(model, extra={"head.weight": torch.zeros(1000, 512), "head.bias": torch.zeros(1000)})
@@ -236,6 +245,7 @@ def test_mit_b5_file_loads(nets):
     assert report["convention"] == "imagenet-rgb"
 
 
+@pytest.mark.slow
 def test_vgg16_file_loads_with_caffe_or_rgb_by_file(nets):
     model = nets["deeplabv2-vgg16"]
     state = foreign(model, extra={"classifier.0.weight": torch.zeros(4, 4)})
@@ -247,6 +257,7 @@ def test_vgg16_file_loads_with_caffe_or_rgb_by_file(nets):
     assert models.load_weights(model, state, "vgg16-397923af.pth", "deeplabv2-vgg16")["convention"] == "imagenet-rgb"
 
 
+@pytest.mark.slow
 def test_wrong_files_fail_with_one_line_errors(nets):
     r50 = nets["deeplabv2-r50"]
     cases = [
@@ -364,6 +375,7 @@ def close(value, reference):
     ("tiny", "train", "fp32"), ("tiny", "train", "fp16"), ("deeplabv2-r50", "train", "fp32"),
     ("deeplabv2-r50", "frozen", "bf16"), ("deeplabv2-vgg16", "frozen", "fp32"), ("mit-b0", "auto", "fp32"),
     ("mit-b0", "auto", "bf16")])
+@pytest.mark.slow
 def test_grad_checkpoint_keeps_loss_gradients_and_bn_statistics(checkpoint_calls, name, bn, amp):
     plain, recomputed = plain_and_checkpointed(name, bn)
     images = torch.rand(2, 3, SIZE, SIZE)

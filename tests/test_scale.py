@@ -51,6 +51,7 @@ def test_timing_and_error_parsers(tmp_path):
     assert scale.error_line(str(log), 2) == "exit 2: error: --crop 'x': bad"
 
 
+@pytest.mark.slow
 def test_a_failing_method_is_one_line_in_the_saved_results(tmp_path):
     """No data where the harness expects it: the method's entry holds the error, scale.json is written."""
     opts = argparse.Namespace(out=str(tmp_path / "out"), size_factor=0.06, iters=3, device="cpu", amp="off",
