@@ -26,8 +26,19 @@ import time
 
 def stop_before_training(signum, frame):
     """SIGINT / SIGTERM before the loop starts (importing torch, scanning datasets, class statistics):
-    one line, exit 128 + signum, no traceback; last.pt is not written yet. StopRequest takes over."""
-    if os.getpid() == LAUNCH_PID and os.environ.get("RANK", "0") == "0":
+    one line, exit 128 + signum, no traceback; last.pt is not written yet. StopRequest takes over.
+
+    A forked loader worker (class statistics) inherits this handler: it dies of SIGTERM as it would
+    without a handler, and leaves Ctrl-C to its parent, which stops it; it goes quiet meanwhile, or a
+    transfer its parent abandons would print a BrokenPipeError traceback from the worker."""
+    if os.getpid() != LAUNCH_PID:
+        if signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # workers that stop now are no error of their own
+    if os.environ.get("RANK", "0") == "0":
         print(f"error: interrupted ({signal.Signals(signum).name}) before training started; nothing was saved",
               file=sys.stderr, flush=True)
     sys.exit(128 + signum)
@@ -241,9 +252,10 @@ def make_stream(dataset, batch_size, workers, seed, start_iter, sampler=None):
 def ignore_stop_signals(worker_id):
     """Loader workers leave Ctrl-C (sent to the whole terminal process group) to the main process, which
     finishes the iteration and saves; a worker killed by it would break the next batch. SIGTERM stays
-    deadly: it is how the loader and Python's exit stop workers (a scheduler that sends it to every
-    process is handled in the loop)."""
+    deadly (not train.py's early handler, inherited at the fork): it is how the loader and Python's exit
+    stop workers (a scheduler that sends it to every process is handled by StopRequest)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def to_device(batch, device):
