@@ -41,6 +41,14 @@ def stop_before_training(signum, frame):
     if os.environ.get("RANK", "0") == "0":
         print(f"error: interrupted ({signal.Signals(signum).name}) before training started; nothing was saved",
               file=sys.stderr, flush=True)
+    exit_on_signal(signum)
+
+
+def exit_on_signal(signum):
+    """Exit with 128 + signum. Further stop signals are ignored from here: Python restores the default
+    handlers while it shuts down, and a scheduler's second SIGTERM would turn the exit into a death."""
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
     sys.exit(128 + signum)
 
 
@@ -654,7 +662,7 @@ def save_and_exit(signum, done, stop, model, method, env, args, space, last_path
     if common.is_main_process():
         print(f"interrupted at iteration {done}; resume with: {resume_command(args)}", flush=True)
     common.cleanup_distributed()
-    sys.exit(128 + signum)
+    exit_on_signal(signum)
 
 
 def exit_at_once(signum, args):
@@ -667,7 +675,7 @@ def exit_at_once(signum, args):
         else:
             print(f"interrupted at iteration {saved} (the last save; {signal.Signals(signum).name} stopped the run at "
                   f"once); resume with: {resume_command(args)}", flush=True)
-    sys.exit(128 + signum)
+    exit_on_signal(signum)
 
 
 def log_due(done, args):
@@ -677,19 +685,32 @@ def log_due(done, args):
 
 def next_batches(streams, device, stop, it, last_path):
     """The next source and target batches; a broken file met by this rank's loader, or a dead loader
-    worker (the out-of-memory killer), is this rank's error."""
+    worker (the out-of-memory killer), is this rank's error. With a stop requested, a worker that died
+    of the same signal is no error: the caller saves iteration `it` and stops."""
     if stop.worker_failure:
-        err = UserError(f"{common.LOADER_WORKER_DIED.format(failure=stop.worker_failure)}; training stopped at "
-                        f"iteration {it}; {saved_message(last_path)}")
-        err.rank_local = True
-        raise err
+        raise worker_died(stop.worker_failure, it, last_path)
     try:
         source = to_device(next(streams["source"]), device)
         target = to_device(next(streams["target"]), device) if "target" in streams else None
     except UserError as err:
         err.rank_local = True  # common.run_cli prints it even on a rank other than 0
         raise
+    except (RuntimeError, ConnectionError) as err:
+        # a worker that dies while sending a batch breaks the transfer (ConnectionResetError) before its
+        # SIGCHLD is handled: give that a moment, it names the worker and the signal
+        if not stop.signum and (isinstance(err, ConnectionError) or str(err).startswith("DataLoader worker")):
+            time.sleep(1.0)
+            if not stop.signum:
+                raise worker_died(stop.worker_failure or common.one_line(err), it, last_path) from None
+        raise
     return source, target
+
+
+def worker_died(failure, it, last_path):
+    err = UserError(f"{common.LOADER_WORKER_DIED.format(failure=failure)}; training stopped at iteration {it}; "
+                    f"{saved_message(last_path)}")
+    err.rank_local = True
+    return err
 
 
 def train_step(method, source, target, it, args):
@@ -773,7 +794,7 @@ def train_loop(args, start_iter, stop, model, method, env, space, streams, val, 
             common.set_lr(optimizer, factor)
         try:
             source, target = next_batches(streams, device, stop, it, last_path)
-        except RuntimeError:
+        except (RuntimeError, ConnectionError):
             if not stop.signum:
                 raise
             # the signal reached the loader workers too while this process waited for a batch: iteration
