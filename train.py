@@ -12,6 +12,12 @@ Flags are parsed in two stages: --method first, then the common flags together w
 method's own. The method's RECIPE (its paper's values of common flags: LR, schedule, batch, crop, ...)
 becomes the parser's defaults in one place (`build_parser`), so `--method X --help` shows them, a flag
 given on the command line wins, and every run prints the effective recipe and what was overridden.
+
+Made for shared clusters (the README's "On a cluster"): a run locks --out for its life (OUT/.lock);
+SIGINT / SIGTERM, to this process or to its whole process group (SLURM, Kubernetes, torchrun), finish
+the iteration, save last.pt and exit 130 / 143 (StopRequest); nothing non-finite is ever saved; last.pt
+holds every rank's random streams, so a torchrun run resumes exactly; `--resume auto` lets the same
+command start, resume, or exit 0 on a finished run; `--save-every` bounds what a preemption loses.
 """
 import argparse
 import errno
@@ -524,7 +530,7 @@ class MetricsLog:
     def failed(self, err, iteration):
         full = "; is the disk full?" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         saved = saved_message(os.path.join(os.path.dirname(self.path), "last.pt"))
-        return UserError(f"{self.path}: could not be written ({err.strerror}){full} Training stopped at iteration "
+        return UserError(f"{self.path}: could not be written ({err.strerror}){full}; training stopped at iteration "
                          f"{iteration}; {saved}")
 
 

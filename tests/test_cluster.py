@@ -212,6 +212,41 @@ def test_stop_signals_at_random_moments_leave_a_complete_checkpoint(tmp_path):
         assert sorted(os.listdir(out)) == [".lock", "last.pt", "metrics.jsonl"], context
 
 
+def test_signals_wait_for_the_checkpoint_and_an_interrupted_write_is_no_full_disk(tmp_path, monkeypatch):
+    """Issue case 3, unit: a SIGTERM (here raised by the handler, as the loader's SIGCHLD handler does)
+    arriving inside torch.save is handled after the file is complete; an exception that is not the file
+    system's is re-raised as itself, not reported as a full disk, and the previous file stays."""
+    path = tmp_path / "last.pt"
+    common.atomic_save({"x": 1}, path)
+    real_save, delivered = torch.save, []
+
+    def save_hit_by_a_signal(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered while the file is half written
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    def handler(signum, frame):
+        delivered.append(load(path)["x"])  # by now the new file is complete
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(torch, "save", save_hit_by_a_signal)
+        with pytest.raises(RuntimeError, match="DataLoader worker"):
+            common.atomic_save({"x": 2}, path)
+        assert delivered == [2] and load(path)["x"] == 2 and os.listdir(tmp_path) == ["last.pt"]
+
+        def interrupted_write(obj, f):
+            open(f, "wb").write(b"partial")
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+        monkeypatch.setattr(torch, "save", interrupted_write)
+        with pytest.raises(RuntimeError, match="DataLoader worker"):  # not a UserError "is the disk full?"
+            common.atomic_save({"x": 3}, path)
+        assert load(path)["x"] == 2 and os.listdir(tmp_path) == ["last.pt"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------- 4. exact resume under torchrun, every method
 @pytest.fixture(scope="module")
 def pseudo_dir(tmp_path_factory):

@@ -499,7 +499,6 @@ def lock_folder(folder, flag="--out", check=None):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
     _HELD_LOCKS[os.path.realpath(folder)] = fd
-    os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
 
 
 def unlock_folder(folder):
@@ -517,6 +516,16 @@ def _close_quietly(fd):
         os.close(fd)
     except OSError:
         pass  # already closed in this child
+
+
+def _release_locks_in_child():
+    """A forked child (a loader worker) holds none of its parent's locks: it closes their descriptors."""
+    for fd in _HELD_LOCKS.values():
+        _close_quietly(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_child)
 
 
 def load_checkpoint(path):
