@@ -423,7 +423,7 @@ def atomic_save(obj, path):
             full, reason = True, str(err).strip().splitlines()[-1]  # torch's writer: a write() that failed
         else:
             raise  # not the file system's doing (a bug, an interrupt): not a "full disk"
-        raise UserError(f"checkpoint {path}: could not be written ({reason}){'; is the disk full?' if full else ''} "
+        raise UserError(f"checkpoint {path}: could not be written ({reason}){'; is the disk full?' if full else '.'} "
                         f"Any earlier {os.path.basename(path)} is unchanged") from None
 
 
