@@ -1,17 +1,22 @@
 """Plumbing shared by train.py, evaluate.py and the method files.
 
 Everything here is small and method-agnostic: user-facing errors, the process group helpers (which do
-nothing without torchrun), the learning-rate schedule, atomic checkpoints, RNG state capture and the
-confusion-matrix metrics. Methods import from here; nothing here imports a method.
+nothing without torchrun), the learning-rate schedule, atomic checkpoints, the run-folder lock, RNG
+state capture and the confusion-matrix metrics. Methods import from here; nothing here imports a method.
 """
 import argparse
+import errno
+import fcntl
 import math
 import os
 import random
+import signal
+import socket
 import sys
+import threading
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,11 +40,16 @@ def run_cli(main, oom_hint=None):
     Under torchrun every rank runs this: a setup error (the same on every rank) is printed by rank 0
     only; an error a rank meets alone in the loop (an unreadable file of its shard: `rank_local`) by
     that rank; a rank that loses contact because another one failed exits quietly (rank 0 says so in
-    one line) instead of adding a gloo traceback. Running out of memory is one line too, ending in
-    `oom_hint` (the script's own remedies; default: train.py's).
+    one line) instead of adding a gloo traceback. Running out of memory (its line ends in `oom_hint`, the
+    script's own remedies; default: train.py's), a data loader worker that died (the out-of-memory
+    killer's SIGKILL) and Ctrl-C outside the training loop are one line too.
     """
     try:
         main()
+    except KeyboardInterrupt:
+        if launch_rank() == 0:
+            print("error: interrupted (SIGINT); nothing more was written", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except UserError as err:
         if launch_rank() == 0 or getattr(err, "rank_local", False):
             prefix = f"rank {launch_rank()}: " if launch_rank() else ""
@@ -64,7 +74,15 @@ def run_cli(main, oom_hint=None):
             print(f"error: out of memory ({one_line(err)}): " + (oom_hint or "try a smaller --crop or "
                   "--batch-size, or --grad-checkpoint"), file=sys.stderr)
             sys.exit(2)
+        if str(err).startswith("DataLoader worker"):
+            print(f"error: {LOADER_WORKER_DIED.format(failure=one_line(err))}", file=sys.stderr)
+            sys.exit(2)
         raise
+
+
+# what a dead loader worker means in practice: the out-of-memory killer sends SIGKILL ("Killed")
+LOADER_WORKER_DIED = ("a data loader worker died: {failure} (SIGKILL is usually the out-of-memory killer: use "
+                      "fewer --workers or a smaller --batch-size)")
 
 
 def launch_rank():
@@ -279,6 +297,16 @@ def resolve_device(flag):
         raise UserError(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: RNG states, names); [obj]
+    without a process group."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def cleanup_distributed():
     """Tear the process group down together: a rank that destroys it while another is still saving
     can abort inside gloo ("terminate called without an active exception")."""
@@ -418,19 +446,56 @@ def atomic_save(obj, path):
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file.
 
     Temporary files of earlier saves that were killed are removed first; a failed write (disk full,
-    permissions) removes its own temporary file and leaves the previous `path` untouched.
+    permissions) removes its own temporary file and leaves the previous `path` untouched. Signals wait
+    until the file is complete (`signals_deferred`): a second Ctrl-C, a scheduler's SIGTERM or the data
+    loader's SIGCHLD handler (which raises when a worker dies) never lands inside torch.save.
     """
     remove_stale_temporaries(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its writer
+        with signals_deferred():
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
-        raise UserError(f"checkpoint {path}: could not be written ({reason}); is the disk full? "
+        if isinstance(err, OSError):
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = err.strerror or str(err)
+        elif isinstance(err, RuntimeError) and "PytorchStreamWriter failed" in str(err):
+            full, reason = True, str(err).strip().splitlines()[-1]  # torch's writer: a write() that failed
+        else:
+            raise  # not the file system's doing (a bug, an interrupt): not a "full disk"
+        raise UserError(f"checkpoint {path}: could not be written ({reason}){'; is the disk full?' if full else '.'} "
                         f"Any earlier {os.path.basename(path)} is unchanged") from None
+
+
+@contextmanager
+def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)):
+    """Hold back the Python handlers of `signums` for the duration of the block, then deliver what
+    arrived, once each, to the handlers that were installed before (after the block, so a handler that
+    raises or exits does so between two complete files).
+
+    Python runs handlers in the main thread whichever thread the kernel picked, so swapping the
+    handlers (not pthread_sigmask, which is per thread) is what keeps them out. Outside the main thread
+    handlers cannot be changed, and nothing is deferred.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    # a handler installed from C (getsignal: None) cannot be put back from Python: that signal is not deferred
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    previous = {signum: handler for signum, handler in previous.items() if handler is not None}
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
 
 
 def remove_stale_temporaries(path):
@@ -443,6 +508,67 @@ def remove_stale_temporaries(path):
                 os.remove(os.path.join(folder, entry))
             except OSError:
                 pass  # another process's file that vanished meanwhile: nothing to clean
+
+
+def lock_folder(folder, flag="--out", check=None):
+    """Hold an exclusive lock on FOLDER/.lock for the life of this process, or raise a UserError naming
+    the holder (host and pid, which the holder writes into the file). `check()`, run under the lock
+    before anything is written, may refuse the folder (a UserError): the lock is then released and the
+    file left as it was.
+
+    flock: the kernel drops the lock when its holder dies, however (SIGKILL, a node's OOM killer), so
+    a stale .lock file never blocks a resume; the file stays (removing it would race with a new holder).
+    Forked children (data loader workers) close their copy at once, or an orphaned worker would keep
+    the lock alive after its parent died.
+    """
+    path = os.path.join(folder, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write there ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that has not written its name yet"
+        os.close(fd)
+        raise UserError(f"{flag} {folder}: in use by another run ({holder}); wait for it to end, or choose "
+                        f"another {flag}") from None
+    try:
+        if check is not None:
+            check()
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[os.path.realpath(folder)] = fd
+
+
+def unlock_folder(folder):
+    """Release lock_folder's lock (a run that ends without its process ending: train.main in a test)."""
+    fd = _HELD_LOCKS.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        _close_quietly(fd)
+
+
+_HELD_LOCKS = {}  # folder -> file descriptor of lock_folder, open until the run ends
+
+
+def _close_quietly(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # already closed in this child
+
+
+def _release_locks_in_child():
+    """A forked child (a loader worker) holds none of its parent's locks: it closes their descriptors."""
+    for fd in _HELD_LOCKS.values():
+        _close_quietly(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_child)
 
 
 def load_checkpoint(path):

@@ -256,13 +256,14 @@ class FADA:
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict(), "discriminator": self.discriminator.state_dict(),
-                "d_optimizer": self.d_optimizer.state_dict(), "rng": self.rng.get_state()}
+                "d_optimizer": self.d_optimizer.state_dict(),
+                "generator": self.rng.get_state()}  # the contract's key for a method's random generator
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
-        self.rng.set_state(state["rng"] if "rng" in state else state["generator"])  # older checkpoints: "generator"
+        self.rng.set_state(state["generator"])
 
 
 def check_args(args):

@@ -94,6 +94,9 @@ def add_common_arguments(p):
                         "start fresh (a preemptible job can be resubmitted unchanged)")
     p.add_argument("--eval-every", type=common.nonnegative_int, default=1000,
                    help="evaluate on the target val split and save OUT/last.pt every N iterations (0: at the end only)")
+    p.add_argument("--save-every", type=common.nonnegative_int, default=0,
+                   help="also save OUT/last.pt every N iterations, without evaluating (0: on the --eval-every "
+                        "schedule only); a preempted or restarted job then loses at most N iterations")
     p.add_argument("--no-eval", action="store_true",
                    help="save checkpoints on the --eval-every schedule but never evaluate (evaluate.py runs later)")
     p.add_argument("--log-every", type=common.positive_int, default=50, help="print and log losses every N iterations")

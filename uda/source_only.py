@@ -36,7 +36,8 @@ tools (uda/bench/) read everything else from the module through METHODS, and tes
   `env.device`, `env.autocast()` (the context every forward runs under), `env.scaler` (one GradScaler
   for all optimizers), `env.space` (the label space). A method that draws random numbers owns a
   `common.method_generator(args.seed, GENERATOR_STREAM)`, GENERATOR_STREAM = its name (the stream is a
-  stable hash of it), and saves the generator's state, so resume is exact.
+  stable hash of it), and saves the generator's state under the key 'generator' of its state_dict:
+  train.py keeps that entry per rank (each rank's generator is seeded apart), so a torchrun resume is exact.
 - `Method.needs_target`: False when the target loader is not needed (train.py then builds none).
 - `method.optimizers`: a list; train.py sets every group's LR from the poly schedule each iteration.
 - `method.train_step(source, target, it) -> {name: 0-d tensor}`: one whole iteration (forwards,
