@@ -414,6 +414,8 @@ def run_evaluation(model, val, space, env, args, iteration, log, last_path):
         confusion = evaluation.evaluate(model, val, space, env.device, env.autocast,
                                         input_size=datasets.default_eval_size(args.target),
                                         align_corners=args.align_corners,
+                                        # as the method's official code evaluates (uda/evaluation.py)
+                                        resize_via_input=getattr(METHODS[args.method], "RESIZE_VIA_INPUT", False),
                                         log=lambda text: print(f"eval iter {iteration}: {text}", flush=True))
     except UserError as err:
         raise UserError(f"{common.one_line(err)} (evaluation at iteration {iteration}; training so far is "
