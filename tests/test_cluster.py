@@ -116,7 +116,7 @@ def test_non_finite_state_is_named_and_never_saved():
 
 @pytest.mark.slow
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
-    """Issue case 1: --lr 1e6 with a save every iteration ends with one line naming a tensor or loss
+    """--lr 1e6 with a save every iteration ends with one line naming a tensor or loss
     term and the iteration, and last.pt is the previous, all-finite state."""
     out = tmp_path / "run"
     result = run_script("train.py", "--out", out, *TOY_FAST, "--iters", "60", "--lr", "1e6", "--eval-every", "1",
@@ -131,7 +131,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
 # ---------------------------------------------------------------- 2. one run per folder
 @pytest.mark.slow
 def test_second_run_on_one_out_is_refused_and_a_killed_run_blocks_nothing(tmp_path):
-    """Issue case 2: a second run (python or torchrun) on the folder of a running one is refused with one
+    """A second run (python or torchrun) on the folder of a running one is refused with one
     line naming host and pid, leaving the files alone; after the first is SIGKILLed (its loader workers
     orphaned), --resume auto continues at once."""
     out = tmp_path / "run"
@@ -166,7 +166,7 @@ DELIVERIES = ["group", "group", "group", "group twice", "group twice", "main onl
 
 @pytest.mark.slow
 def test_stop_signals_at_random_moments_leave_a_complete_checkpoint(tmp_path):
-    """Issue case 3: SIGTERM to the whole process group (or to the main process only, to the workers
+    """SIGTERM to the whole process group (or to the main process only, to the workers
     first, twice in a row; SIGINT to the group), at random moments of a run with --workers 2 and a save
     every 2 iterations: exit 143 / 130, no traceback, the resume command printed, and last.pt a complete
     checkpoint of the iteration the message names; no temporary file left behind."""
@@ -213,7 +213,7 @@ def test_stop_signals_at_random_moments_leave_a_complete_checkpoint(tmp_path):
 
 
 def test_signals_wait_for_the_checkpoint_and_an_interrupted_write_is_no_full_disk(tmp_path, monkeypatch):
-    """Issue case 3, unit: a SIGTERM (here raised by the handler, as the loader's SIGCHLD handler does)
+    """A SIGTERM (here raised by the handler, as the loader's SIGCHLD handler does)
     arriving inside torch.save is handled after the file is complete; an exception that is not the file
     system's is re-raised as itself, not reported as a full disk, and the previous file stays."""
     path = tmp_path / "last.pt"
@@ -272,7 +272,7 @@ def method_flags(method, pseudo):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_torchrun_resume_is_exact_for_every_method(tmp_path, method, pseudo_dir):
-    """Issue case 4: 2 processes, 4 iterations straight vs. 2 (a save at no evaluation point of the
+    """2 processes, 4 iterations straight vs. 2 (a save at no evaluation point of the
     straight run) + resume: every float tensor of last.pt is identical, and last.pt holds both ranks'
     random streams (the method generators differ per rank)."""
     flags = method_flags(method, pseudo_dir)
@@ -294,7 +294,7 @@ def test_torchrun_resume_is_exact_for_every_method(tmp_path, method, pseudo_dir)
 # ---------------------------------------------------------------- 5. 6. 7. what a resume refuses or accepts
 @pytest.mark.slow
 def test_resume_on_another_number_of_processes(tmp_path):
-    """Issue case 5: 1 process x batch 2 resumed on 2 processes: refused with both global batches and
+    """1 process x batch 2 resumed on 2 processes: refused with both global batches and
     the --batch-size that keeps it; with that --batch-size, accepted with a note that it is not exact."""
     out = tmp_path / "run"
     assert run_script("train.py", "--out", out, *TINY, "--stop-iter", "2").returncode == 0
@@ -311,7 +311,7 @@ def test_resume_on_another_number_of_processes(tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_other_class_names_is_refused(tmp_path):
-    """Issue case 6: the same number of classes under other names: refused, naming the first one."""
+    """The same number of classes under other names: refused, naming the first one."""
     from make_folder_dataset import make
     root = tmp_path / "data"
     make(root, train=4, val=1)
@@ -330,7 +330,7 @@ def test_resume_on_other_class_names_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_resume_auto_of_a_finished_run_succeeds(tmp_path):
-    """Issue case 7: a requeued job of a finished run exits 0 with one line and changes nothing; an
+    """A requeued job of a finished run exits 0 with one line and changes nothing; an
     explicit --resume of it stays an error."""
     out = tmp_path / "run"
     assert run_script("train.py", "--out", out, *TINY).returncode == 0
@@ -369,7 +369,7 @@ def free_port():
 
 @pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_match_one_launch(tmp_path, reference_run):
-    """Issue case 8a: two torchrun launches (--nnodes 2 --nproc_per_node 1, c10d rendezvous on
+    """Two torchrun launches (--nnodes 2 --nproc_per_node 1, c10d rendezvous on
     127.0.0.1) end with the checksum and last.pt of one --nproc_per_node 2 launch."""
     launcher = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                 "--rdzv-id", "cluster-test"]
@@ -386,7 +386,7 @@ def test_two_nodes_with_c10d_rendezvous_match_one_launch(tmp_path, reference_run
 
 @pytest.mark.slow
 def test_elastic_restart_after_a_killed_worker_resumes_exactly(tmp_path, reference_run):
-    """Issue case 8b: torchrun --max-restarts 2, rank 1 SIGKILLed mid-run: the group restarts, resumes
+    """torchrun --max-restarts 2, rank 1 SIGKILLed mid-run: the group restarts, resumes
     from last.pt (--resume auto) and ends with the weights of the uninterrupted run."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts", "2",
@@ -414,7 +414,7 @@ def test_elastic_restart_after_a_killed_worker_resumes_exactly(tmp_path, referen
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["import", "class statistics"])
 def test_ctrl_c_before_training_is_one_line(tmp_path, moment):
-    """Issue case 12: Ctrl-C (SIGINT to the process group, loader workers included) while torch is
+    """Ctrl-C (SIGINT to the process group, loader workers included) while torch is
     imported, or while the samplers' class statistics are computed: one line, exit 130."""
     out = tmp_path / "run"
     proc = start("--out", out, *TOY_FAST, "--source-sampler", "rcs", "--workers", "2")
@@ -434,7 +434,7 @@ def test_ctrl_c_before_training_is_one_line(tmp_path, moment):
 
 @pytest.mark.slow
 def test_full_disk_while_appending_metrics_is_one_line(tmp_path, monkeypatch, capsys):
-    """Issue case 12: ENOSPC when appending to metrics.jsonl (after the save at iteration 2) stops the
+    """ENOSPC when appending to metrics.jsonl (after the save at iteration 2) stops the
     run with a UserError naming the file and the last good checkpoint, which is intact."""
     import builtins
     real_open = builtins.open
@@ -480,7 +480,7 @@ def test_full_disk_while_appending_metrics_is_one_line(tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_loader_worker_killed_by_the_oom_killer_is_one_line(tmp_path):
-    """Issue case 12: SIGKILL to one loader worker (what the out-of-memory killer does): one line naming
+    """SIGKILL to one loader worker (what the out-of-memory killer does): one line naming
     the worker and the signal, exit 2, last.pt intact at its last save."""
     out = tmp_path / "run"
     proc = start("--out", out, *TOY_FAST, "--iters", "400", "--log-every", "1", "--save-every", "2", "--workers", "2")

@@ -1,4 +1,4 @@
-"""Inputs from real folders (issue 21, items 10-14): phone photos with an EXIF orientation, symlinked and
+"""Inputs from real folders: phone photos with an EXIF orientation, symlinked and
 hidden files under --images, a run folder as --ckpt, images of mixed sizes in one batch, names too long,
 unwritable or full output folders, Ctrl-C, running out of memory, edited labels under a statistics cache,
 and label suffixes that differ in letter case."""

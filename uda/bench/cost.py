@@ -42,7 +42,7 @@ What each measures:
 - png: the SYNTHIA label decoder (uda/png16.py) on a SYNTHIA-like 16-bit RGB label (class ids in
   polygons in channel 0, instance ids in channel 1) encoded with every PNG row filter forced (None,
   Sub, Up, Average, Paeth), a random mix and libpng's default heuristic; best CPU time of --repeat
-  decodes against issue 3's budget of 0.2 s per 1280x760 label on one core.
+  decodes against a budget of 0.2 s per 1280x760 label on one core.
 
 Time. The method timings (fada, cdga, dida, plca-toy) and backbones share one loop, `time_in_turns`:
 the configurations take turns step by step (A B A B ...) on the same batch, so a change in a shared
@@ -85,7 +85,7 @@ SPACE = datasets.TOY_SPACE  # 19 classes: the toy's, and Cityscapes'
 LABEL_GRID = 8      # synthetic labels: a random class per cell of an 8x8 grid, upsampled
 IGNORE_SHARE = 0.1  # share of grid cells labelled 255
 AGG_ALPHA = 0.5     # PLCA's target aggregation weight alpha (its --plca-agg-alpha default, official 0.5)
-PNG_BUDGET_S = 0.2  # issue 3: at most 0.2 s per 1280x760 SYNTHIA label on one core
+PNG_BUDGET_S = 0.2  # the budget: at most 0.2 s per 1280x760 SYNTHIA label on one core
 
 
 # --------------------------------------------------------------------------------------------------
