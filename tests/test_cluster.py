@@ -400,7 +400,9 @@ def test_elastic_restart_after_a_killed_worker_resumes_exactly(tmp_path, referen
     try:
         rest, err = agent.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        agent.kill()
+        workers = children(agent.pid)  # a rank stuck in its process group's set-up ignores SIGTERM
+        for pid in [agent.pid, *workers]:
+            os.kill(pid, signal.SIGKILL)
         rest, err = agent.communicate()
         raise AssertionError("".join(seen) + rest + err) from None
     output = "".join(seen) + rest + err

@@ -277,13 +277,28 @@ def setup_distributed(device_flag):
     if "RANK" not in os.environ:
         return device
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    store, rank, world = attempt_store()
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=device)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     return device
+
+
+def attempt_store():
+    """torchrun's key-value store (env://), its keys prefixed by this restart's number: (store, rank, world).
+
+    After `torchrun --max-restarts` restarts a group, the new workers talk through the same store as the
+    old ones (the agent's), where the old workers' addresses are still written under the same keys; a
+    new rank that reads one before its peer overwrites it connects to a dead process ("Gloo
+    connectFullMesh failed ... Connection refused") and the restart fails. One prefix per restart keeps
+    every attempt's keys apart.
+    """
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"uda-attempt-{attempt}/", store), rank, world
 
 
 def resolve_device(flag):
