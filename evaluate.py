@@ -51,7 +51,7 @@ import sys
 
 def exit_on_interrupt(signum, frame):
     """Ctrl-C: one line and exit status 130 (128 + SIGINT, as a shell reports it), no traceback. The
-    exit unwinds normally, so a PNG being written is removed by save_png."""
+    exit unwinds normally, so a PNG being written is removed by datasets.write_png."""
     if os.getpid() != MAIN_PID:  # a DataLoader worker forked with this handler: quiet, as by default
         signal.default_int_handler(signum, frame)
     if os.environ.get("RANK", "0") == "0":
@@ -66,7 +66,6 @@ if __name__ == "__main__":  # before the slow imports below (torch takes seconds
 
 import numpy as np
 import torch
-from PIL import Image
 
 from uda import common, datasets, pseudo_labels, toy
 from uda import evaluation
@@ -345,34 +344,10 @@ def palette_table(space):
     return table
 
 
-def temporary_name(path):
-    """A hidden name beside `path` for writing it: short (the final name may be near the file system's
-    limit) and one per process (ranks write side by side)."""
-    return os.path.join(os.path.dirname(path), f".evaluate-{os.getpid()}.tmp")
-
-
-def save_png(path, array):
-    """Write the uint8 array (H, W) or (H, W, 3) as a PNG at `path`, atomically: into a temporary file
-    that is renamed over `path` once complete, and removed on any failure or interrupt. A file that
-    cannot be written (read-only folder, full disk, name too long) is one line naming it."""
-    tmp = temporary_name(path)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError):
-            raise UserError(f"--save-pred: cannot write {path} ({err.strerror or err})") from None
-        raise
-
-
 def check_writable(folder):
     """Create --save-pred and write (and remove) one file in it before any prediction: a read-only or
     full folder is refused at once, not after the first forward pass."""
-    tmp = temporary_name(os.path.join(folder, "probe"))
+    tmp = datasets.temporary_name(os.path.join(folder, "probe"))
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -391,8 +366,8 @@ def prediction_saver(out_dir, dataset, space):
     def save(pred, batch):
         for pred_one, index in zip(pred.cpu().numpy(), batch["index"].tolist()):
             stem = os.path.join(out_dir, dataset.item_name(index))
-            save_png(stem + "_trainid.png", to_trainid[pred_one])
-            save_png(stem + "_color.png", palette[pred_one])
+            datasets.write_png(stem + "_trainid.png", to_trainid[pred_one], "--save-pred")
+            datasets.write_png(stem + "_color.png", palette[pred_one], "--save-pred")
 
     return save
 
@@ -630,9 +605,9 @@ def overlay_image(pred, image, palette):
 def save_folder_prediction(stem, pred, image, palette):
     """stem.png (class indices), stem_color.png and stem_overlay.png. pred: (H, W) uint8; image: (3, H, W)
     uint8."""
-    save_png(stem + ".png", pred)
-    save_png(stem + "_color.png", palette[pred])
-    save_png(stem + "_overlay.png", overlay_image(pred, image, palette))
+    datasets.write_png(stem + ".png", pred, "--save-pred")
+    datasets.write_png(stem + "_color.png", palette[pred], "--save-pred")
+    datasets.write_png(stem + "_overlay.png", overlay_image(pred, image, palette), "--save-pred")
 
 
 def predict_folder(args, model, saved, space, device):

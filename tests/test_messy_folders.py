@@ -226,6 +226,12 @@ def failing_open(folder, error, whole_files=0, after_bytes=0):
     return fake_open
 
 
+def patch_open(monkeypatch, fake_open):
+    """One fake `open` for evaluate.py's folder probe and datasets.write_png's PNGs (it counts the files)."""
+    for module in (evaluate, datasets):
+        monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+
 def test_unwritable_or_full_output_folders_are_one_line(tmp_path, monkeypatch):
     checkpoint(tmp_path / "last.pt")
     rng = np.random.default_rng(5)
@@ -233,21 +239,20 @@ def test_unwritable_or_full_output_folders_are_one_line(tmp_path, monkeypatch):
         save(tmp_path / "photos" / name, rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
     argv = ["--ckpt", str(tmp_path), "--images", str(tmp_path / "photos"), *FAST]
     read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
-    monkeypatch.setattr(evaluate, "open", failing_open(tmp_path / "ro", read_only), raising=False)
+    patch_open(monkeypatch, failing_open(tmp_path / "ro", read_only))
     with pytest.raises(UserError, match=r"--save-pred .*ro: cannot write into it \(Read-only file system\)"):
         evaluate.main([*argv, "--save-pred", str(tmp_path / "ro")])
     # the disk fills up in the middle of a PNG: one line, and no truncated or temporary file is left
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     # (files written: the probe of check_writable, a's three PNGs, then b.png fails after 100 bytes)
-    monkeypatch.setattr(evaluate, "open", failing_open(tmp_path / "full", full, 4, after_bytes=100), raising=False)
+    patch_open(monkeypatch, failing_open(tmp_path / "full", full, 4, after_bytes=100))
     with pytest.raises(UserError, match=r"--save-pred: cannot write .*b\.png \(No space left on device\)"):
         evaluate.main([*argv, "--save-pred", str(tmp_path / "full")])
     assert files_under(tmp_path / "full") == ["a.png", "a_color.png", "a_overlay.png"]
     for name in files_under(tmp_path / "full"):
         Image.open(tmp_path / "full" / name).load()  # complete files
     # Ctrl-C in the middle of a PNG (exit_on_interrupt raises SystemExit(130) there): the same
-    monkeypatch.setattr(evaluate, "open", failing_open(tmp_path / "stop", SystemExit(130), 2, after_bytes=100),
-                        raising=False)
+    patch_open(monkeypatch, failing_open(tmp_path / "stop", SystemExit(130), 2, after_bytes=100))
     with pytest.raises(SystemExit):
         evaluate.main([*argv, "--save-pred", str(tmp_path / "stop")])
     assert files_under(tmp_path / "stop") == ["a.png"]

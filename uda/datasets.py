@@ -1465,6 +1465,34 @@ def write_list(name, root, split, out_path, overwrite=False, img_suffix=None):
     return len(names)
 
 
+
+# --------------------------------------------------------------------------------------------------
+# Writing PNGs (evaluate.py --save-pred, --save-pseudo)
+# --------------------------------------------------------------------------------------------------
+def temporary_name(path):
+    """A hidden name beside `path` for writing it: short (the final name may be near the file system's
+    limit) and one per process (ranks write side by side)."""
+    return os.path.join(os.path.dirname(path), f".evaluate-{os.getpid()}.tmp")
+
+
+def write_png(path, array, flag):
+    """Write the uint8 array (H, W) or (H, W, 3) as a PNG at `path`, atomically: into a temporary file
+    that is renamed over `path` once complete, and removed on any failure or interrupt, so nothing
+    half-written is left for a reader (or the next stage) to find. A file that cannot be written
+    (read-only folder, full disk, name too long) is one line naming it and `flag`."""
+    tmp = temporary_name(path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise UserError(f"{flag}: cannot write {path} ({err.strerror or err})") from None
+        raise
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uda.datasets", description="Check a dataset copy or write lists.")
     sub = p.add_subparsers(dest="command", required=True)

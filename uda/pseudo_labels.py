@@ -37,7 +37,6 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
 
 from uda import common, datasets
 from uda.common import IGNORE_INDEX, UserError
@@ -171,7 +170,7 @@ def generate(model, dataset, space, out_dir, rule, device, predict_probs, autoca
         labels = hard_labels(probs_of(batch, full=True), thresholds)  # (B, H, W) uint8
         counts += torch.bincount(labels.reshape(-1).long().clamp(max=num_classes), minlength=num_classes + 1)
         for label, index in zip(labels.cpu().numpy(), batch["index"].tolist()):
-            save_label_png(os.path.join(out_dir, dataset.item_name(index) + ".png"), label)
+            datasets.write_png(os.path.join(out_dir, dataset.item_name(index) + ".png"), label, "--save-pseudo")
         written += labels.shape[0]
     counts, written = common.all_reduce_sum(counts).cpu(), int(common.all_reduce_sum(written))  # also a barrier
     model.train(was_training)
@@ -222,19 +221,3 @@ def add_arguments(parser):
     group.add_argument("--pseudo-limit", type=common.positive_int, default=None, metavar="N",
                        help="label only the first N images of the split (smoke tests)")
 
-
-def save_label_png(path, label):
-    """Write a (H, W) uint8 label PNG atomically: a temporary file renamed over `path` once complete, so
-    an interrupt or a full disk never leaves a truncated pseudo-label that the next stage would read."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            Image.fromarray(label).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError):
-            raise UserError(f"--save-pseudo: cannot write {path} ({err.strerror or err})") from None
-        raise
